@@ -1,0 +1,1 @@
+"""Flax linen modules: encoders, decoders, heads and the TaskModel that holds them."""

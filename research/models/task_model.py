@@ -1,0 +1,93 @@
+"""TaskModel: one encoder and a dict of named heads, params ``{'encoder', 'heads': {task: ...}}``.
+
+This is the tree that grafting, freezing and meta-learning address by path. ``tasks`` picks the
+heads to run (all of them by default, which is what ``init`` needs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.models.config import EncoderConfig
+from research.models.encoder import Encoder
+from research.models.heads import Head, HeadConfig
+
+Array = jax.Array
+
+
+class Heads(nn.Module):
+  """The named heads; a separate module so their params sit under ``heads/<name>``."""
+
+  configs: tuple[tuple[str, HeadConfig], ...]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features, mask, tasks: Sequence[str], deterministic: bool):
+    configs = dict(self.configs)
+    unknown = [t for t in tasks if t not in configs]
+    if unknown:
+      raise KeyError(f"unknown task(s) {unknown}; this model has heads {sorted(configs)}")
+    return {
+      t: Head(configs[t], self.dtype, self.param_dtype, name=t)(features, mask, deterministic)
+      for t in tasks
+    }
+
+
+class TaskModel(nn.Module):
+  """An encoder shared by task heads.
+
+  Attributes:
+    encoder: the encoder architecture.
+    heads: ``((task name, HeadConfig), ...)``; see :func:`make_task_model` for a dict form.
+    dtype / param_dtype: compute and storage dtypes.
+    remat: rematerialise encoder layers in the backward pass.
+  """
+
+  encoder: EncoderConfig
+  heads: tuple[tuple[str, HeadConfig], ...]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: bool = False
+
+  @property
+  def task_names(self) -> tuple[str, ...]:
+    return tuple(name for name, _ in self.heads)
+
+  @nn.compact
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    token_type_ids: Array | None = None,
+    *,
+    tasks: Sequence[str] | None = None,
+    deterministic: bool = True,
+  ) -> dict[str, Array]:
+    """Returns ``{task: logits}`` for ``tasks`` (default: every head)."""
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    features = Encoder(self.encoder, remat=self.remat, name="encoder", **kw)(
+      input_ids, attention_mask, token_type_ids, deterministic=deterministic
+    )
+    tasks = self.task_names if tasks is None else tuple(tasks)
+    return Heads(self.heads, name="heads", **kw)(features, attention_mask, tasks, deterministic)
+
+
+def make_task_model(
+  encoder: EncoderConfig, heads: Mapping[str, HeadConfig], **kwargs: Any
+) -> TaskModel:
+  """A TaskModel from a ``{task: HeadConfig}`` dict."""
+  return TaskModel(encoder, tuple(heads.items()), **kwargs)
+
+
+def init_params(model: TaskModel, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:
+  """Initial params (every head) from a dummy batch."""
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  return model.init(rng, ids, jnp.ones_like(ids))["params"]

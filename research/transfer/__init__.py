@@ -1,0 +1,1 @@
+"""HF checkpoint import/export, parameter paths, grafting and parameter-efficient transfer."""
