@@ -1,3 +1,3 @@
-"""Transfer learning for NLP in JAX: pretrained encoders as Flax pytrees, grafted onto task heads."""
+"""Transfer learning for NLP in JAX: pretrained encoders as Flax pytrees on new task heads."""
 
 __version__ = "0.1.0"
