@@ -1,0 +1,392 @@
+"""Sweeps: turn one experiment config (and its `get_sweep()`) into named run points.
+
+A config file in `configs/` may expose `get_sweep()` beside `get_config(arg)`. It returns
+either
+
+- a list of override dicts, each one run: `[{"optim.lr": 1e-5}, {"optim.lr": 3e-5}]`, or
+- a dict of named axes whose cartesian product is the sweep:
+  `{"optim.lr": [1e-5, 3e-5], "seed": [0, 1]}`.
+
+The helpers `product`, `zipped` and `axis` build the same lists explicitly (axes may carry a
+short display name: `axis("optim.lr", [1e-5, 3e-5], name="lr")`). Keys are dotted config
+paths, with or without the `config.` prefix. Seeds are an ordinary axis: every key whose last
+component is `seed` is treated as the seed axis, so the report can average over it.
+
+Each point becomes one run in `<root>/<experiment>/<point-name>`, where the point name is made
+from the swept values (`lr=1e-05,seed=0`), and one command line:
+`python -m research.main --config=configs/x.py:variant --workdir=... --config.optim.lr=1e-05`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import itertools
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# Files the launcher writes next to the trainer's own outputs in each point's workdir.
+POINT_FILE = "launch.json"
+RESULTS_FILE = "results.json"
+LOG_FILE = "launch.log"
+
+Overrides = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- sweep builders
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+  """One named sweep axis: a config key and the values it takes.
+
+  Attributes:
+    key: dotted config path, e.g. `optim.lr`.
+    values: the values, in order.
+    name: short name used in point names; defaults to the key's last component.
+  """
+
+  key: str
+  values: tuple[Any, ...]
+  name: str | None = None
+
+  def points(self) -> list[Overrides]:
+    """Returns one override dict per value."""
+    return [{self.key: v} for v in self.values]
+
+
+def axis(key: str, values: Iterable[Any], name: str | None = None) -> Axis:
+  """Returns an `Axis` over `values` of the config key `key`.
+
+  Args:
+    key: dotted config path (`optim.lr` or `config.optim.lr`).
+    values: the values to sweep, in order.
+    name: short display name for point names (default: last component of `key`).
+  """
+  return Axis(_strip_prefix(key), tuple(values), name)
+
+
+def seeds(values: Iterable[int] | int, key: str = "seed") -> Axis:
+  """Returns a seed axis: `seeds(3)` is seeds 0, 1, 2; `seeds([7, 8])` is 7 and 8.
+
+  Args:
+    values: a count, or the explicit seeds.
+    key: the config key holding the seed.
+  """
+  vals = range(values) if isinstance(values, int) else values
+  return axis(key, vals, name="seed")
+
+
+def _as_points(part: Axis | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Overrides]:
+  if isinstance(part, Axis):
+    return part.points()
+  if isinstance(part, Mapping):
+    return [dict(part)]
+  return [dict(p) for p in part]
+
+
+def product(*parts: Axis | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Overrides]:
+  """Returns the cartesian product of axes (or lists of override dicts).
+
+  Args:
+    *parts: `Axis` objects, single override dicts, or lists of override dicts.
+
+  Returns:
+    One merged override dict per combination, the first part varying slowest.
+  """
+  out = []
+  for combo in itertools.product(*(_as_points(p) for p in parts)):
+    merged: Overrides = {}
+    for d in combo:
+      merged.update(d)
+    out.append(merged)
+  return out
+
+
+def zipped(*parts: Axis | Sequence[Mapping[str, Any]]) -> list[Overrides]:
+  """Returns the element-wise zip of axes of equal length (e.g. lr paired with warmup).
+
+  Raises:
+    ValueError: if the parts differ in length.
+  """
+  lists = [_as_points(p) for p in parts]
+  if len({len(x) for x in lists}) > 1:
+    raise ValueError(f"zipped axes differ in length: {[len(x) for x in lists]}")
+  return [{k: v for d in combo for k, v in d.items()} for combo in zip(*lists)]
+
+
+# ----------------------------------------------------------------------------- points
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One run of a sweep.
+
+  Attributes:
+    name: directory name of the run (unique within the experiment).
+    overrides: dotted config key -> value (without the `config.` prefix).
+    group: the point's name without its seed, used to average seeds in reports.
+    seed: the seed value, if the sweep has a seed axis.
+    index: position in the sweep (SLURM array index).
+  """
+
+  name: str
+  overrides: Overrides
+  group: str
+  seed: Any = None
+  index: int = 0
+
+
+def _strip_prefix(key: str) -> str:
+  return key[len("config.") :] if key.startswith("config.") else key
+
+
+def is_seed_key(key: str) -> bool:
+  """True for config keys that hold a random seed (`seed`, `train.seed`, `data_seed`...)."""
+  return key.rsplit(".", 1)[-1].endswith("seed")
+
+
+def format_value(value: Any) -> str:
+  """Formats a value for the command line the way `ml_collections.config_flags` parses it.
+
+  Args:
+    value: a Python scalar, tuple/list, or None.
+
+  Returns:
+    The string after `--config.key=`.
+  """
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, float):
+    return repr(value)
+  if isinstance(value, (list, tuple)):
+    return repr(tuple(value))
+  if value is None:
+    return "None"
+  return str(value)
+
+
+def _name_value(value: Any) -> str:
+  if isinstance(value, float):
+    text = f"{value:g}"
+  elif isinstance(value, (list, tuple)):
+    text = "-".join(_name_value(v) for v in value)
+  else:
+    text = str(value)
+  # Keep names filesystem- and shell-friendly: no slashes, spaces or quotes.
+  return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
+
+
+def _short_names(keys: Sequence[str], named: Mapping[str, str]) -> dict[str, str]:
+  """Short display names: last key component unless that is ambiguous."""
+  short = {k: named.get(k, k.rsplit(".", 1)[-1]) for k in keys}
+  counts: dict[str, int] = {}
+  for s in short.values():
+    counts[s] = counts.get(s, 0) + 1
+  return {k: (s if counts[s] == 1 else k) for k, s in short.items()}
+
+
+def make_points(
+  overrides: Sequence[Mapping[str, Any]], names: Mapping[str, str] | None = None
+) -> list[Point]:
+  """Names a list of override dicts as sweep points.
+
+  Only keys whose values differ between points appear in the names; a sweep of one point is
+  named `default`.
+
+  Args:
+    overrides: one dict per point.
+    names: optional short display names per key.
+
+  Returns:
+    The points, in order.
+
+  Raises:
+    ValueError: if two points get the same name (duplicate override sets).
+  """
+  dicts = [{_strip_prefix(k): v for k, v in o.items()} for o in overrides]
+  keys: list[str] = []
+  for d in dicts:
+    keys.extend(k for k in d if k not in keys)
+  varying = [k for k in keys if len({json.dumps(d.get(k), default=str) for d in dicts}) > 1]
+  short = _short_names(varying, names or {})
+  points, seen = [], set()
+  for i, d in enumerate(dicts):
+    parts = [f"{short[k]}={_name_value(d[k])}" for k in varying if k in d]
+    group_parts = [p for k, p in zip([k for k in varying if k in d], parts) if not is_seed_key(k)]
+    name = ",".join(parts) or "default"
+    if name in seen:
+      raise ValueError(f"duplicate sweep point {name!r}: {d}")
+    seen.add(name)
+    seed = next((d[k] for k in d if is_seed_key(k)), None)
+    points.append(Point(name, d, ",".join(group_parts) or "default", seed, i))
+  return points
+
+
+def expand(spec: Any) -> list[Point]:
+  """Expands whatever `get_sweep()` returned into points.
+
+  Args:
+    spec: a list of override dicts, a dict of axes (key -> list of values; product), an
+      `Axis`, or a list of `Axis` objects (product).
+
+  Returns:
+    The points.
+
+  Raises:
+    TypeError: for anything else.
+  """
+  names: dict[str, str] = {}
+  if isinstance(spec, Axis):
+    spec = [spec]
+  if isinstance(spec, Mapping):
+    axes = [axis(k, v if isinstance(v, (list, tuple, range)) else [v]) for k, v in spec.items()]
+    return make_points(product(*axes))
+  if isinstance(spec, Sequence) and spec and all(isinstance(a, Axis) for a in spec):
+    names = {a.key: a.name for a in spec if a.name}
+    return make_points(product(*spec), names)
+  if isinstance(spec, Sequence) and all(isinstance(d, Mapping) for d in spec):
+    return make_points(list(spec))
+  raise TypeError(f"get_sweep() must return a list of dicts or a dict of axes, got {spec!r}")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigRef:
+  """A `--config` argument: `configs/x.py[:variant]`.
+
+  Attributes:
+    path: the config file.
+    arg: the variant string after the colon, or None.
+  """
+
+  path: Path
+  arg: str | None
+
+  @classmethod
+  def parse(cls, text: str) -> ConfigRef:
+    """Parses `path[:arg]`.
+
+    Raises:
+      FileNotFoundError: if the file does not exist.
+    """
+    path, _, arg = text.partition(":")
+    p = Path(path)
+    if not p.is_file():
+      raise FileNotFoundError(f"config file not found: {path}")
+    return cls(p, arg or None)
+
+  def __str__(self) -> str:
+    return f"{self.path}:{self.arg}" if self.arg else str(self.path)
+
+  @property
+  def experiment(self) -> str:
+    """Directory name of the experiment: the file stem, plus `_<variant>` if any."""
+    base = self.path.stem
+    return f"{base}_{_name_value(self.arg)}" if self.arg else base
+
+  def module(self):
+    """Imports the config file as a module (no `sys.path` changes)."""
+    name = f"_launch_config_{self.path.stem}"
+    spec = importlib.util.spec_from_file_location(name, self.path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _call_with_optional_arg(fn, arg: str | None):
+  params = inspect.signature(fn).parameters
+  return fn(arg) if params else fn()
+
+
+def sweep_points(ref: ConfigRef, use_sweep: bool, validate: bool = True) -> list[Point]:
+  """Returns the points to run for a config: its sweep, or the single default point.
+
+  Args:
+    ref: the config reference.
+    use_sweep: whether to expand `get_sweep()`; otherwise one point named `default`.
+    validate: check every override key against `get_config(arg)` so typos fail before any
+      job is submitted.
+
+  Raises:
+    AttributeError: if `use_sweep` and the config has no `get_sweep`.
+    KeyError: if an override key is not in the config.
+  """
+  mod = ref.module()
+  if not use_sweep:
+    return [Point("default", {}, "default")]
+  if not hasattr(mod, "get_sweep"):
+    raise AttributeError(f"{ref.path} has no get_sweep()")
+  points = expand(_call_with_optional_arg(mod.get_sweep, ref.arg))
+  if validate and hasattr(mod, "get_config"):
+    config = _call_with_optional_arg(mod.get_config, ref.arg)
+    for p in points:
+      for key in p.overrides:
+        check_key(config, key)
+  return points
+
+
+def check_key(config: Any, key: str) -> None:
+  """Raises KeyError if the dotted `key` does not name a field of `config`."""
+  node = config
+  for part in key.split("."):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+      raise KeyError(f"sweep override {key!r} is not a field of the config") from e
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def point_workdir(root: str | os.PathLike, ref: ConfigRef, point: Point) -> str:
+  """Returns `<root>/<experiment>/<point-name>` (URL roots such as `gs://b/runs` kept intact)."""
+  root = os.fspath(root)
+  if "://" in root:
+    return f"{root.rstrip('/')}/{ref.experiment}/{point.name}"
+  return str(Path(root) / ref.experiment / point.name)
+
+
+def trainer_args(
+  ref: ConfigRef, point: Point, workdir: str | os.PathLike, extra: Sequence[str] = ()
+) -> list[str]:
+  """Returns the trainer's arguments for one point (without the interpreter and module).
+
+  Args:
+    ref: the config reference.
+    point: the sweep point.
+    workdir: the point's workdir.
+    extra: extra `--config.x=v` flags applied to every point (before the point's own).
+  """
+  args = [f"--config={ref}", f"--workdir={workdir}", *extra]
+  args += [f"--config.{k}={format_value(v)}" for k, v in point.overrides.items()]
+  return args
+
+
+def write_point_file(workdir: Path, ref: ConfigRef, point: Point) -> None:
+  """Writes `launch.json` (experiment, point, group, seed, overrides) into the workdir."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  info = {
+    "experiment": ref.experiment,
+    "config": str(ref),
+    "point": point.name,
+    "group": point.group,
+    "seed": point.seed,
+    "overrides": point.overrides,
+  }
+  (workdir / POINT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def is_done(workdir: Path) -> bool:
+  """True when the trainer has written `results.json` into the workdir."""
+  return (workdir / RESULTS_FILE).is_file()
