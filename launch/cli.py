@@ -39,6 +39,20 @@ class Plan:
     """Returns the point's workdir as a string."""
     return sweep.point_workdir(self.root, self.ref, point)
 
+  def distributed_args(self, mode: str, multi_process: bool) -> list[str]:
+    """The override that makes the trainer call `jax.distributed.initialize()`, if wanted.
+
+    Args:
+      mode: `on`, `off`, or `auto` (on for multi-process runs when the config has the field).
+      multi_process: whether the run has more than one process.
+    """
+    flag = f"--config.{sweep.DISTRIBUTED_KEY}=true"
+    if mode == "on" or (
+      mode == "auto" and multi_process and sweep.config_has_key(self.ref, sweep.DISTRIBUTED_KEY)
+    ):
+      return [] if flag in self.extra else [flag]
+    return []
+
   def args(self, point: sweep.Point) -> list[str]:
     """Returns the trainer arguments for the point."""
     return sweep.trainer_args(self.ref, point, self.workdir(point), self.extra)
@@ -57,6 +71,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
   )
   parser.add_argument(
     "--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print, do not run"
+  )
+  parser.add_argument(
+    "--distributed",
+    choices=("auto", "on", "off"),
+    default="auto",
+    help=f"pass --config.{sweep.DISTRIBUTED_KEY}=true (auto: for multi-process runs, when "
+    "the config has that field)",
   )
 
 

@@ -257,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--python", default=sys.executable, help="interpreter for the trainer")
   parser.add_argument("--no-progress", dest="progress", action="store_false")
   args, plan = cli.parse(parser, argv)
+  plan.extra += plan.distributed_args(args.distributed, multi_process=False)
 
   if args.gpus == "auto":
     gpus = free_gpus()

@@ -9,8 +9,10 @@ requeued task does not redo finished work). Inside each task `srun` starts the t
 one process per GPU by default (`--ntasks-per-node = --gpus-per-node`), which is what
 `jax.distributed.initialize()` auto-detects from SLURM's environment (`SLURM_NTASKS`,
 `SLURM_PROCID`, `SLURM_LOCALID` picks the local GPU, the first node of `SLURM_STEP_NODELIST`
-is the coordinator). `--procs=node` starts one process per node instead; then the trainer
-must pass all local GPUs to `jax.distributed.initialize(local_device_ids=...)` itself.
+is the coordinator); for runs of more than one process the launcher adds
+`--config.parallel.distributed=true`, which makes the trainer call it. `--procs=node` starts
+one process per node instead; then the trainer must pass all local GPUs to
+`jax.distributed.initialize(local_device_ids=...)` itself.
 GPUs are not bound per task (no `--gpus-per-task`), since JAX indexes them by local id.
 
 `--dry-run` prints the script; otherwise it is written to
@@ -207,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--chdir", default=None, help="job working directory (default: cwd)")
   parser.add_argument("--wait", action="store_true", help="sbatch --wait: block until done")
   args, plan = cli.parse(parser, argv)
+  nprocs = args.nodes * tasks_per_node(args.procs, args.gpus_per_node)
+  plan.extra += plan.distributed_args(args.distributed, nprocs > 1)
 
   todo = (
     plan.points

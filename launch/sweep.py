@@ -31,6 +31,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# The trainer calls jax.distributed.initialize() (SLURM / TPU pod auto-detection) when this
+# config field is true; the launchers set it for multi-process runs.
+DISTRIBUTED_KEY = "parallel.distributed"
+
 # Files the launcher writes next to the trainer's own outputs in each point's workdir.
 POINT_FILE = "launch.json"
 RESULTS_FILE = "results.json"
@@ -334,6 +338,18 @@ def sweep_points(ref: ConfigRef, use_sweep: bool, validate: bool = True) -> list
       for key in p.overrides:
         check_key(config, key)
   return points
+
+
+def config_has_key(ref: ConfigRef, key: str) -> bool:
+  """True if `get_config(arg)` of the referenced config has the dotted `key`."""
+  mod = ref.module()
+  if not hasattr(mod, "get_config"):
+    return False
+  try:
+    check_key(_call_with_optional_arg(mod.get_config, ref.arg), key)
+  except KeyError:
+    return False
+  return True
 
 
 def check_key(config: Any, key: str) -> None:

@@ -9,8 +9,9 @@ The commands, in order:
    (`--code` paths, by default the package, launchers, configs and pyproject) to every host;
 3. `ssh --worker=all` to install it (`--setup`, default installs `jax[tpu]` and the package);
 4. per sweep point, `ssh --worker=all --command=...` running the trainer on every host at
-   once, as a pod slice needs (`jax.distributed.initialize()` in the trainer auto-detects the
-   pod). Points run one after another on the whole slice.
+   once, as a pod slice needs (with `--config.parallel.distributed=true`, the trainer's
+   `jax.distributed.initialize()` auto-detects the pod). Points run one after another on
+   the whole slice.
 
 On a pod slice every host writes nothing but process 0's outputs, so the workdir should be
 a bucket (`gs://...`) or a path you copy back from worker 0. For local workdirs, a point
@@ -130,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--setup", default=DEFAULT_SETUP, help="install command ('' to skip)")
   parser.add_argument("--python", default="python3", help="interpreter on the TPU hosts")
   args, plan = cli.parse(parser, argv)
+  # Every host of a pod slice runs the trainer; on one host initialize() is harmless.
+  plan.extra += plan.distributed_args(args.distributed, multi_process=True)
   cmds = commands(
     plan,
     tpu=args.tpu,

@@ -80,6 +80,10 @@ def test_slurm_dry_run_single_point_and_procs(capsys, monkeypatch, tmp_path):
   assert "#SBATCH --nodes=4" in out and "#SBATCH --ntasks-per-node=1" in out
   assert "srun --nodes=4 --ntasks-per-node=1 --kill-on-bad-exit=1 " in out
   assert f"WORKDIR={tmp_path}/fake_exp_quick/default" in out
+  assert " --config.parallel.distributed=true " in out  # 4 processes: multi-host init
+  rc = slurm.main(["--config=tests/fixtures/launch/fake_exp.py", "--workdir=r", "--dry-run"])
+  out = capsys.readouterr().out
+  assert rc == 0 and "--ntasks-per-node=1" in out and "distributed" not in out
 
 
 def test_slurm_skips_done_points_and_reports_sbatch_errors(tmp_path, monkeypatch, capsys):

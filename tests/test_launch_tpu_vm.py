@@ -43,7 +43,7 @@ def test_tpu_vm_local_workdir_skips_done_points_remotely(capsys, monkeypatch):
   assert lines[2].endswith(
     "--command='cd ~/research && test -f runs/fake_exp/default/results.json || "
     "python3 -m research.main --config=tests/fixtures/launch/fake_exp.py "
-    "--workdir=runs/fake_exp/default'"
+    "--workdir=runs/fake_exp/default --config.parallel.distributed=true'"
   )
 
 
