@@ -1,0 +1,189 @@
+"""Shared pieces of our local-file tfds builders: configs, checksums, line readers, errors.
+
+Every local builder reads *manual_dir* inputs (the raw files under ``data/<set>/``), which are
+described by a :class:`LocalFilesConfig`: which file feeds which split, the sha256 of the
+published copy, the text encoding. Inputs are verified before anything is generated, and the
+digests are stored in the prepared data set's metadata so a later run can tell when the raw
+files under a prepared data set have changed.
+
+Bad input raises :class:`InputError`, whose message starts with ``file:line:`` and says what was
+expected, so a broken row is found without reading the builder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+VERSION = tfds.core.Version("1.0.0")
+
+
+class InputError(ValueError):
+  """A malformed input file; the message names ``file:line`` and what was expected."""
+
+  def __init__(self, path: str | Path, line: int | None, message: str):
+    where = f"{path}:{line}" if line is not None else f"{path}"
+    super().__init__(f"{where}: {message}")
+    self.path = str(path)
+    self.line = line
+
+
+@dataclasses.dataclass(eq=False)
+class LocalFilesConfig(tfds.core.BuilderConfig):
+  """A builder config over files in the manual dir.
+
+  Attributes:
+    files: split name -> file spec (a file name, or a builder-specific mapping). A split whose
+      files are absent from the manual dir is not produced (e.g. unpublished test sets).
+    sha256: file name -> sha256 hex digest of the published copy. Files not listed are not
+      checked; ``verify=False`` turns the check off (e.g. for fixtures or edited copies).
+    encoding: text encoding of the files (CoNLL-2002 is ``latin-1``).
+  """
+
+  files: dict[str, Any] = dataclasses.field(default_factory=dict)
+  sha256: dict[str, str] = dataclasses.field(default_factory=dict)
+  encoding: str = "utf-8"
+
+
+class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of our builders: checks the manual-dir inputs, records their digests, keeps order.
+
+  Subclasses implement ``_features()`` and ``_generate_examples(split, spec, manual_dir)``.
+  ``verify_checksums=False`` skips the sha256 comparison (for fixtures or edited copies); the
+  digests are recorded in ``info.metadata["inputs"]`` either way.
+  """
+
+  VERSION = VERSION
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Point manual_dir at the data set's folder under data/."
+
+  def __init__(self, *, verify_checksums: bool = True, **kwargs: Any):
+    self._verify_checksums = verify_checksums
+    super().__init__(**kwargs)
+
+  def _features(self) -> tfds.features.FeaturesDict:
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=self.builder_config.description,
+      features=self._features(),
+      disable_shuffling=True,  # Keep file order: index i is the i-th example of the file.
+      metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    cfg = self.builder_config
+    manual_dir = Path(dl_manager.manual_dir)
+    splits = present_splits(cfg, manual_dir)
+    names = [n for spec in splits.values() for n in file_names(spec)]
+    self.info.metadata["inputs"] = verify_inputs(cfg, manual_dir, names, self._verify_checksums)
+    self._prepare(splits, manual_dir)
+    return {
+      split: self._generate_examples(split=split, spec=spec, manual_dir=manual_dir)
+      for split, spec in splits.items()
+    }
+
+  def _prepare(self, splits: dict[str, Any], manual_dir: Path) -> None:
+    """Hook run before generation (e.g. to collect label names over all splits)."""
+
+
+def sha256_file(path: Path) -> str:
+  """The hex sha256 digest of a file."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def file_names(spec: Any) -> list[str]:
+  """The file names of a split's file spec: a name, ``{"file": name, ...}`` or ``{key: name}``."""
+  if isinstance(spec, str):
+    return [spec]
+  if isinstance(spec, dict):
+    return [spec["file"]] if "file" in spec else [str(v) for _, v in sorted(spec.items())]
+  raise TypeError(f"Unsupported file spec {spec!r}.")
+
+
+def present_splits(config: LocalFilesConfig, manual_dir: Path) -> dict[str, Any]:
+  """The splits of ``config`` whose files all exist under ``manual_dir``.
+
+  Raises:
+    FileNotFoundError: if the manual dir is missing or holds none of the split files.
+  """
+  if not manual_dir.is_dir():
+    raise FileNotFoundError(
+      f"Manual dir {manual_dir} for {config.name!r} does not exist; expected the raw files "
+      f"{sorted({n for s in config.files.values() for n in file_names(s)})} there."
+    )
+  splits = {
+    split: spec
+    for split, spec in config.files.items()
+    if all((manual_dir / name).is_file() for name in file_names(spec))
+  }
+  if not splits:
+    raise FileNotFoundError(
+      f"None of the files of {config.name!r} were found in {manual_dir}: expected "
+      f"{ {split: file_names(spec) for split, spec in config.files.items()} }."
+    )
+  return splits
+
+
+def verify_inputs(
+  config: LocalFilesConfig, manual_dir: Path, names: list[str], verify: bool = True
+) -> dict[str, str]:
+  """Digests of the input files; checked against ``config.sha256`` when ``verify``.
+
+  Returns:
+    file name -> sha256 of every file in ``names``.
+
+  Raises:
+    InputError: on a digest that differs from the published one.
+  """
+  digests = {name: sha256_file(manual_dir / name) for name in sorted(set(names))}
+  if verify:
+    for name, digest in digests.items():
+      expected = config.sha256.get(name)
+      if expected is not None and expected != digest:
+        raise InputError(
+          manual_dir / name,
+          None,
+          f"sha256 {digest} differs from the published copy's {expected}; this is not the "
+          "file the config describes (data_cfg.verify_checksums=False accepts an edited copy).",
+        )
+  return digests
+
+
+def open_text(path: Path, encoding: str) -> io.TextIOBase:
+  """Opens a text file for reading, transparently gunzipping ``*.gz``."""
+  if path.suffix == ".gz":
+    return gzip.open(path, "rt", encoding=encoding, newline="")
+  return open(path, encoding=encoding, newline="")
+
+
+def read_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+  """``(line number from 1, line without its newline)``, raising on an empty file.
+
+  Raises:
+    InputError: if the file is empty, or not decodable with ``encoding``.
+  """
+  empty = True
+  with open_text(path, encoding) as f:
+    lineno = 0
+    try:
+      for lineno, line in enumerate(f, start=1):
+        empty = False
+        yield lineno, line.rstrip("\r\n")
+    except UnicodeDecodeError as e:
+      raise InputError(path, lineno + 1, f"not valid {encoding} text ({e.reason}).") from e
+  if empty:
+    raise InputError(path, None, "empty file; expected at least one example.")

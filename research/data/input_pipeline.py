@@ -1,0 +1,355 @@
+"""The input pipeline: tfds ArrayRecord data -> tokenized split -> bucketed numpy batches (grain).
+
+Usage::
+
+  from research.data import build_iterator, default_data_config, label_names
+  data_cfg = default_data_config("sst2")
+  it = build_iterator(data_cfg, tokenizer, "train", batch_size=32, train=True, seed=0)
+  batch = next(it)                      # dict of numpy arrays, see below
+  state = it.get_state()                # JSON-serialisable; goes into the checkpoint
+  it.set_state(state)                   # resumes with the identical next batches
+
+``data_cfg`` fields are documented in :mod:`research.data.registry`. Batches (int32 unless noted):
+
+- classification: ``input_ids``, ``attention_mask``, ``token_type_ids`` [B, T], ``labels`` [B];
+- tagging: the same with ``labels`` [B, T], ``-100`` where ignored (special tokens, later
+  subwords, padding);
+- seq2seq: ``input_ids``, ``attention_mask``, ``token_type_ids``, ``decoder_input_ids``,
+  ``decoder_attention_mask``, ``labels`` [B, T] (``-100`` on padding);
+- always ``example_mask`` [B] float32: 0 on rows that only pad the last evaluation batch.
+
+``B = batch_size // process_count``: ``batch_size`` is global and every process gets a disjoint
+slice of each global batch. ``T`` is a bucket length of ``data_cfg.buckets``. Training iterators
+shuffle with ``seed`` and repeat for ``num_epochs`` (None = forever); evaluation iterators make
+one pass in data order. The iterator is a grain ``MapDataset`` over batch indices, so its state
+is the index of the next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from research.data import batching, registry, sources, tags, tokenize
+
+STATE_VERSION = 1
+
+_MEMORY_CACHE: dict[str, tokenize.Tokenized] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _source_tag_names(builder: Any, data_cfg: ml_collections.ConfigDict) -> list[str]:
+  feature = builder.info.features[data_cfg.tags_key]
+  return list(getattr(feature, "feature", feature).names)
+
+
+def label_names(data_cfg: ml_collections.ConfigDict) -> list[str]:
+  """Class names (classification) or tag names in ``data_cfg.tag_scheme`` (tagging).
+
+  The list index is the label id used in batches. Local data sets are prepared first if needed.
+
+  Raises:
+    ValueError: for seq2seq data sets, which have no label names.
+  """
+  registry.validate(data_cfg)
+  builder = sources.get_builder(data_cfg, prepare=data_cfg.source == "local")
+  if data_cfg.task == "classification":
+    return list(builder.info.features[data_cfg.label_key].names)
+  if data_cfg.task == "tagging":
+    types = tags.entity_types(_source_tag_names(builder, data_cfg))
+    return tags.tag_names(types, data_cfg.tag_scheme)
+  raise ValueError(f"{data_cfg.name}: seq2seq data sets have no label names.")
+
+
+def _num_examples(builder: Any, split: str) -> int:
+  splits = builder.info.splits
+  return int(splits[split].num_examples) if split in list(splits.keys()) else -1
+
+
+def _cache_key(
+  data_cfg: ml_collections.ConfigDict, builder: Any, split: str, tokenizer: Any
+) -> str:
+  meta = dict(builder.info.metadata or {})
+  fields = dict(
+    format=tokenize.FORMAT_VERSION,
+    tfds=builder.info.full_name,
+    data_dir=str(builder.data_dir),
+    split=split,
+    examples=_num_examples(builder, split),
+    inputs=meta.get("inputs"),
+    task=data_cfg.task,
+    keys=[
+      data_cfg.text_key,
+      data_cfg.text_pair_key,
+      data_cfg.label_key,
+      data_cfg.tokens_key,
+      data_cfg.tags_key,
+      data_cfg.source_key,
+      data_cfg.target_key,
+    ],
+    tag_scheme=data_cfg.tag_scheme,
+    max_length=data_cfg.max_length,
+    target_max_length=data_cfg.target_max_length,
+    tokenizer=tokenize.tokenizer_fingerprint(tokenizer),
+  )
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _tokenize_split(
+  data_cfg: ml_collections.ConfigDict, builder: Any, split: str, tokenizer: Any
+) -> tokenize.Tokenized:
+  if data_cfg.task == "classification":
+    keys = [data_cfg.text_key, data_cfg.label_key]
+    keys += [data_cfg.text_pair_key] if data_cfg.text_pair_key else []
+    cols = sources.read_columns(builder, split, keys)
+    pairs = cols[data_cfg.text_pair_key] if data_cfg.text_pair_key else None
+    texts, labels = cols[data_cfg.text_key], cols[data_cfg.label_key]
+    return tokenize.classification(tokenizer, texts, labels, data_cfg.max_length, pairs)
+  if data_cfg.task == "tagging":
+    cols = sources.read_columns(builder, split, [data_cfg.tokens_key, data_cfg.tags_key])
+    words, tag_ids = cols[data_cfg.tokens_key], cols[data_cfg.tags_key]
+    for i, (w, t) in enumerate(zip(words, tag_ids)):
+      if len(w) != len(t):
+        raise ValueError(
+          f"{builder.info.full_name}[{split}] example {i}: {len(w)} tokens but {len(t)} tags."
+        )
+    src_names = _source_tag_names(builder, data_cfg)
+    source_scheme = tags.detect_scheme(src_names)
+    if source_scheme != data_cfg.tag_scheme:
+      target = {n: i for i, n in enumerate(label_names(data_cfg))}
+      tag_ids = [
+        [
+          target[x]
+          for x in tags.convert([src_names[j] for j in t], source_scheme, data_cfg.tag_scheme)
+        ]
+        for t in tag_ids
+      ]
+    return tokenize.tagging(tokenizer, words, tag_ids, data_cfg.max_length)
+  cols = sources.read_columns(builder, split, [data_cfg.source_key, data_cfg.target_key])
+  return tokenize.seq2seq(
+    tokenizer,
+    cols[data_cfg.source_key],
+    cols[data_cfg.target_key],
+    data_cfg.max_length,
+    data_cfg.target_max_length,
+  )
+
+
+def tokenized_split(
+  data_cfg: ml_collections.ConfigDict, tokenizer: Any, split: str
+) -> tokenize.Tokenized:
+  """The whole ``split`` tokenized (memory and disk cached); prepares the data set if needed."""
+  registry.validate(data_cfg)
+  builder = sources.get_builder(data_cfg)
+  sources.check_split(builder, split)
+  key = _cache_key(data_cfg, builder, split, tokenizer)
+  with _CACHE_LOCK:
+    if key in _MEMORY_CACHE:
+      return _MEMORY_CACHE[key]
+  path = sources.data_dir(data_cfg) / "tokenized" / f"{data_cfg.name}-{split}-{key}.npz"
+  on_disk = data_cfg.cache_tokenized and sources.is_prepared(builder)
+  if on_disk and path.exists():
+    tok = tokenize.load(path)
+  else:
+    tok = _tokenize_split(data_cfg, builder, split, tokenizer)
+    if on_disk:
+      tokenize.save(tok, path)
+  if len(tok) == 0:
+    raise ValueError(f"{data_cfg.name}[{split}] has no examples.")
+  if int(tok.lengths.max()) > data_cfg.buckets[-1]:
+    raise ValueError(f"{data_cfg.name}: a row of {tok.lengths.max()} tokens exceeds the buckets.")
+  with _CACHE_LOCK:
+    _MEMORY_CACHE[key] = tok
+  return tok
+
+
+@dataclasses.dataclass
+class PaddingStats:
+  """Token slots delivered so far: real tokens vs all slots of real rows."""
+
+  real_tokens: int = 0
+  slots: int = 0
+  shapes: set[tuple[int, ...]] = dataclasses.field(default_factory=set)
+
+  @property
+  def padding_fraction(self) -> float:
+    return 1.0 - self.real_tokens / max(self.slots, 1)
+
+
+class DataIterator:
+  """A checkpointable iterator of numpy batches (see module docstring).
+
+  Attributes:
+    num_examples: examples in the split.
+    num_batches: batches per epoch (train) or in the single pass (eval).
+    stats: padding statistics of the batches delivered so far.
+  """
+
+  def __init__(
+    self,
+    tok: tokenize.Tokenized,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    num_epochs: int | None,
+    data_cfg: ml_collections.ConfigDict,
+    split: str,
+  ):
+    if batch_size % process_count:
+      raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes.")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+    self._tok = tok
+    self._buckets = tuple(data_cfg.buckets)
+    self._train = train
+    self._seed = seed
+    self._batch_size = batch_size
+    self._pool_batches = data_cfg.pool_batches
+    local = batch_size // process_count
+    self._slice = slice(process_index * local, (process_index + 1) * local)
+    self.num_examples = len(tok)
+    if train:
+      self.num_batches = self.num_examples // batch_size
+      if self.num_batches == 0:
+        raise ValueError(
+          f"{data_cfg.name}[{split}]: {len(tok)} examples < batch_size {batch_size}."
+        )
+    else:
+      self._eval_plan = batching.eval_plan(self.num_examples, batch_size)
+      self.num_batches = len(self._eval_plan)
+    self.stats = PaddingStats()
+    self._plans: dict[int, np.ndarray] = {}
+    self._plan_lock = threading.Lock()
+    self._fingerprint = dict(
+      version=STATE_VERSION,
+      data=data_cfg.name,
+      split=split,
+      examples=self.num_examples,
+      batch_size=batch_size,
+      process_count=process_count,
+      train=train,
+      seed=seed if train else 0,
+      num_epochs=num_epochs if train else 1,
+    )
+    ds = grain.MapDataset.range(self.num_batches)
+    if train:
+      ds = ds.repeat(num_epochs)
+    ds = ds.map_with_index(lambda i, _: self._make_batch(i))
+    options = grain.ReadOptions(
+      num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch
+    )
+    self._dataset = ds.to_iter_dataset(options)
+    self._it = iter(self._dataset)
+
+  def _plan(self, epoch: int) -> np.ndarray:
+    if not self._train:
+      return self._eval_plan
+    with self._plan_lock:  # grain calls from several threads; keep the last two epochs' plans.
+      if epoch not in self._plans:
+        self._plans[epoch] = batching.train_plan(
+          self._tok.lengths, self._batch_size, self._seed, epoch, self._pool_batches
+        )
+        for old in sorted(self._plans)[:-2]:
+          del self._plans[old]
+      return self._plans[epoch]
+
+  def _make_batch(self, index: int) -> dict[str, np.ndarray]:
+    epoch, j = divmod(index, self.num_batches)
+    rows = self._plan(epoch)[j]
+    length = batching.padded_length(self._tok, rows, self._buckets)
+    return batching.assemble(self._tok, rows[self._slice], int(rows[0]), length)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    real = batch["example_mask"] > 0
+    self.stats.real_tokens += int(batch["attention_mask"][real].sum())
+    self.stats.slots += int(real.sum()) * batch["input_ids"].shape[1]
+    self.stats.shapes.add(batch["input_ids"].shape)
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """The position as a JSON-serialisable dict (batches delivered so far + a fingerprint)."""
+    return {"grain": self._it.get_state(), **self._fingerprint}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Restores a position saved by :meth:`get_state` of an identically built iterator.
+
+    Raises:
+      ValueError: if the state was saved by an iterator over other data or settings.
+    """
+    diff = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k) != v}
+    if diff:
+      raise ValueError(f"Iterator state does not match this iterator (saved, now): {diff}.")
+    self._it.set_state(state["grain"])
+
+
+def build_iterator(
+  data_cfg: ml_collections.ConfigDict,
+  tokenizer: Any,
+  split: str,
+  *,
+  batch_size: int,
+  train: bool,
+  seed: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_epochs: int | None = None,
+) -> DataIterator:
+  """A checkpointable iterator of padded numpy batches over ``split`` (see module docstring).
+
+  Args:
+    data_cfg: the data set's ConfigDict (:func:`research.data.registry.default_data_config`).
+    tokenizer: a fast ``transformers`` tokenizer.
+    split: a split of the data set, e.g. ``data_cfg.splits.train``.
+    batch_size: the GLOBAL batch size; each process yields ``batch_size // process_count`` rows.
+    train: shuffle and repeat (True), or one ordered pass padded to full batches (False).
+    seed: shuffling seed (train only); all processes must pass the same seed.
+    process_index: this process (``jax.process_index()``).
+    process_count: number of processes (``jax.process_count()``).
+    num_epochs: training epochs, None = forever; ignored for evaluation.
+
+  Returns:
+    A :class:`DataIterator`.
+
+  Raises:
+    ValueError: on an unknown split, inconsistent sizes, or a malformed config.
+    FileNotFoundError / InputError: for missing or malformed raw files.
+  """
+  tok = tokenized_split(data_cfg, tokenizer, split)
+  it = DataIterator(
+    tok,
+    batch_size=batch_size,
+    train=train,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    num_epochs=num_epochs,
+    data_cfg=data_cfg,
+    split=split,
+  )
+  logging.info(
+    "%s[%s]: %d examples, %d batches of %d, buckets %s, stats %s",
+    data_cfg.name,
+    split,
+    it.num_examples,
+    it.num_batches,
+    batch_size,
+    tuple(data_cfg.buckets),
+    tok.stats,
+  )
+  return it

@@ -1,0 +1,204 @@
+"""tfds access without TensorFlow: prepare a data set as ArrayRecord and read its columns.
+
+Local sets are built by our builders (:mod:`research.data.builders`) from the raw files in the
+manual dir; catalog sets go through ``tfds.builder`` (modules such as ``glue`` register only
+once imported, hence :data:`CATALOG_MODULES`). Either way the split is read by random access
+from ``builder.as_data_source(split)``. Text comes back as ``bytes`` from real data and as
+``str`` from ``tfds.testing.mock_data``; :func:`read_columns` returns ``str`` for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from research.data import builders, locations
+
+# First part of a catalog name -> module whose import registers the builder.
+CATALOG_MODULES = {
+  "glue": "tensorflow_datasets.text.glue",
+  "conll2003": "tensorflow_datasets.text.conll2003",
+  "conll2002": "tensorflow_datasets.text.conll2002",
+  "imdb_reviews": "tensorflow_datasets.text.imdb",
+  "yelp_polarity_reviews": "tensorflow_datasets.text.yelp_polarity",
+  "ag_news_subset": "tensorflow_datasets.text.ag_news_subset",
+  "xnli": "tensorflow_datasets.text.xnli",
+  "wmt14_translate": "tensorflow_datasets.translate.wmt14",
+  "wmt16_translate": "tensorflow_datasets.translate.wmt16",
+  "wmt19_translate": "tensorflow_datasets.translate.wmt19",
+}
+
+_CHUNK = 4096
+
+
+def data_dir(data_cfg: ml_collections.ConfigDict) -> Path:
+  """The tfds data_dir of ``data_cfg`` (its field, or the default writable location)."""
+  return Path(data_cfg.data_dir).expanduser() if data_cfg.data_dir else locations.tfds_dir()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+  """An exclusive advisory lock, so concurrent processes do not prepare the same set twice."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether the builder's data set has been prepared in its data_dir."""
+  return Path(builder.data_dir, "dataset_info.json").exists()
+
+
+def _local_builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  name, _, config = data_cfg.tfds_name.partition("/")
+  cls = builders.BUILDERS.get(name)
+  if cls is None:
+    raise KeyError(f"No local builder {name!r}; known: {sorted(builders.BUILDERS)}.")
+  kwargs = dict(data_dir=str(data_dir(data_cfg)), file_format="array_record")
+  return cls(config=config or None, verify_checksums=data_cfg.verify_checksums, **kwargs)
+
+
+def _catalog_builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  base = data_cfg.tfds_name.split("/")[0].split(":")[0]
+  if base in CATALOG_MODULES:
+    importlib.import_module(CATALOG_MODULES[base])
+  return tfds.builder(
+    data_cfg.tfds_name, data_dir=str(data_dir(data_cfg)), file_format="array_record"
+  )
+
+
+def get_builder(data_cfg: ml_collections.ConfigDict, prepare: bool = True) -> Any:
+  """The tfds builder of ``data_cfg``, prepared (once, under a file lock) unless ``prepare=False``.
+
+  Raises:
+    FileNotFoundError: local set whose manual dir or files are missing.
+    research.data.builders.common.InputError: malformed raw files (names file:line).
+  """
+  if data_cfg.source == "local":
+    builder = _local_builder(data_cfg)
+    if prepare and not is_prepared(builder):
+      manual_dir = locations.resolve_manual_dir(data_cfg.manual_dir)
+      with _file_lock(Path(builder.data_dir).parent / ".prepare.lock"):
+        if not is_prepared(builder):
+          builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+          )
+    return builder
+  builder = _catalog_builder(data_cfg)
+  if prepare and data_cfg.download and not is_prepared(builder):
+    with _file_lock(data_dir(data_cfg) / f".{builder.name}.prepare.lock"):
+      builder.download_and_prepare(file_format="array_record")
+  return builder
+
+
+def check_split(builder: Any, split: str) -> None:
+  """Raises a ValueError naming the available splits when ``split`` is not one of them."""
+  available = list(builder.info.splits.keys())
+  if available and split not in available:
+    raise ValueError(
+      f"{builder.info.full_name} has no split {split!r}; available: {sorted(available)} "
+      "(splits absent from the raw files are not produced)."
+    )
+
+
+def _as_str(value: Any) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    return _as_str(value.item())
+  return str(value)
+
+
+def _convert(value: Any, feature: Any) -> Any:
+  """A decoded feature value as str / int / list of those / int64 array."""
+  if isinstance(feature, tfds.features.Sequence):
+    inner = feature.feature
+    if isinstance(inner, tfds.features.Text):
+      return [_as_str(v) for v in value]
+    return np.asarray(value, dtype=np.int64).reshape(-1)
+  if isinstance(feature, tfds.features.Text):
+    return _as_str(value)
+  return int(np.asarray(value).reshape(()))
+
+
+def _read_decoded(source: Any, n: int) -> list[dict[str, Any]]:
+  """All examples of a data source, in chunks when it supports ``__getitems__``."""
+  records: list[dict[str, Any]] = []
+  for start in range(0, n, _CHUNK):
+    keys = list(range(start, min(n, start + _CHUNK)))
+    try:
+      records.extend(source.__getitems__(keys))
+    except (TypeError, AttributeError):  # tfds.testing.mock_data's __getitems__ is broken.
+      records.extend(source[k] for k in keys)
+  return records
+
+
+def _fast_raw(builder: Any, split: str, keys: Sequence[str]) -> dict[str, list[Any]] | None:
+  """Reads Text / ClassLabel / Sequence-of-those features straight from the tf.Example protos.
+
+  About 4x faster than tfds' generic numpy decoding; ``None`` when a feature is of another kind.
+  """
+  from tensorflow_datasets.proto import tf_example_pb2
+
+  feats = builder.info.features
+  kinds = {}
+  for k in keys:
+    f = feats[k]
+    seq = isinstance(f, tfds.features.Sequence)
+    inner = f.feature if seq else f
+    if isinstance(inner, tfds.features.Text):
+      kinds[k] = ("text", seq)
+    elif isinstance(inner, tfds.features.ClassLabel):
+      kinds[k] = ("int", seq)
+    else:
+      return None
+  raw = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  out: dict[str, list[Any]] = {k: [] for k in keys}
+  for start in range(0, len(raw), _CHUNK):
+    for record in raw.__getitems__(list(range(start, min(len(raw), start + _CHUNK)))):
+      fmap = tf_example_pb2.Example.FromString(record).features.feature
+      for k, (kind, seq) in kinds.items():
+        if kind == "text":
+          values = [b.decode("utf-8") for b in fmap[k].bytes_list.value]
+        else:
+          values = np.asarray(fmap[k].int64_list.value, dtype=np.int64)
+        out[k].append(values if seq else values[0])
+  return out
+
+
+def read_columns(builder: Any, split: str, keys: Sequence[str]) -> dict[str, list[Any]]:
+  """The features ``keys`` of every example of ``split``, in data-source order.
+
+  Returns:
+    key -> list over examples of ``str`` (Text), ``int`` (scalars, ClassLabel), ``list[str]``
+    (Sequence of Text) or ``np.int64`` arrays (Sequence of ints).
+
+  Raises:
+    ValueError: unknown split; KeyError: a key that is not a feature of the data set.
+  """
+  check_split(builder, split)
+  feats = builder.info.features
+  missing = [k for k in keys if k not in feats]
+  if missing:
+    raise KeyError(
+      f"{builder.info.full_name} has no feature(s) {missing}; features: {sorted(feats.keys())}."
+    )
+  if is_prepared(builder):
+    fast = _fast_raw(builder, split, keys)
+    if fast is not None:
+      return fast
+  source = builder.as_data_source(split)
+  records = _read_decoded(source, len(source))
+  return {k: [_convert(r[k], feats[k]) for r in records] for k in keys}
