@@ -1,0 +1,97 @@
+"""Helpers shared by the experiment configs in configs/.
+
+Configs stay one file per experiment with ``get_config(arg)``; what they share lives here:
+the variant-string parser, the default fields of every run, and locking (so a misspelt
+``--config.optim.lrr=1`` fails instead of silently adding a field).
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+from research import optim
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses ``'smoke,init=scratch,seed=3'`` into a ConfigDict over ``defaults``.
+
+  A bare word sets a boolean flag of that name; ``key=value`` values are Python literals when
+  they parse as such, else strings. Unknown keys raise, naming the known ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise KeyError(f"unknown config variant {key!r}; known: {sorted(defaults)}")
+    if not _:
+      out[key] = True
+      continue
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, with defaults; experiment configs fill in and override."""
+  c = ml_collections.ConfigDict()
+  c.experiment = ""
+  c.seed = 0
+  c.model = dict(
+    checkpoint=MINILM,  # HF directory or hub id; also the tokenizer.
+    init="pretrained",  # 'pretrained' | 'scratch'
+    dtype="auto",  # compute dtype: 'auto' (fp32 on CPU, bf16 on GPU/TPU), 'float32', ...
+    param_dtype="float32",
+    remat=False,
+    dropout=0.1,
+    encoder_overrides={},  # EncoderConfig fields, e.g. {'num_layers': 2} for a tiny model.
+    graft_rules=(("encoder/(.*)", r"encoder/\1"),),
+    reinit_on_mismatch=(),
+    strict_graft=False,
+  )
+  c.init_from = ""  # another run's workdir or an HF checkpoint to graft from (see DESIGN.md).
+  c.resume_from = ""  # another run's workdir to resume exactly (state + input position).
+  c.tasks = ml_collections.ConfigDict()
+  c.train = dict(
+    steps=1000,
+    batch_size=32,
+    grad_accum=1,
+    log_every=50,
+    eval_every=500,
+    checkpoint_every=500,
+    max_to_keep=2,
+    best_metric="",
+    best_mode="max",
+    nonfinite_patience=5,
+    progress=True,
+  )
+  c.eval = dict(batch_size=64)
+  c.optim = optim.default_config()
+  c.parallel = dict(
+    mode="jit",
+    fsdp=1,
+    fsdp_rules=((".*kernel", True), (".*embedding", True)),
+    distributed=False,
+    coordinator_address="",
+    num_processes=1,
+    process_id=0,
+  )
+  return c
+
+
+def task(kind: str, data: ml_collections.ConfigDict, **head: Any) -> ml_collections.ConfigDict:
+  """One entry of ``config.tasks``: its kind, data set and head options."""
+  return ml_collections.ConfigDict(dict(kind=kind, data=data, head=head))
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks the config (no new fields) and returns it."""
+  config.lock()
+  return config

@@ -1,0 +1,159 @@
+"""Orbax checkpoints of a run: the latest states (to resume) and the best params (to use).
+
+``workdir/checkpoints/<step>`` holds the whole TrainState plus the input iterator position,
+step-numbered, atomic, ``max_to_keep`` of them, written asynchronously. ``workdir/best/<step>``
+holds only the params of the best evaluation so far by ``train.best_metric``. Before a restore
+the saved tree is compared with the one the config builds, so a workdir holding another model
+fails naming the first path that differs, not with an opaque shape error deep in orbax.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from research import paths
+
+STATE_FIELDS = ("step", "params", "opt_state", "rng", "nonfinite_streak", "nonfinite_total")
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose tree does not fit the model the config builds."""
+
+
+def state_tree(state: Any) -> dict[str, Any]:
+  """The saved part of a TrainState (its optimizer, a static field, is rebuilt from config)."""
+  return {k: getattr(state, k) for k in STATE_FIELDS}
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+  return {p: tuple(getattr(x, "shape", np.shape(x))) for p, x in paths.flatten(tree).items()}
+
+
+def check_compatible(saved: Any, expected: Any, where: str) -> None:
+  """Raises naming the first path missing, extra or differently shaped in ``saved``."""
+  have, want = _shapes(saved), _shapes(expected)
+  for path, shape in want.items():
+    if path not in have:
+      raise CheckpointMismatchError(f"{where}: checkpoint has no {path} (expected {shape})")
+    if have[path] != shape:
+      raise CheckpointMismatchError(
+        f"{where}: {path} has shape {have[path]} in the checkpoint but {shape} in this model"
+      )
+  extra = [p for p in have if p not in want]
+  if extra:
+    raise CheckpointMismatchError(f"{where}: checkpoint holds {extra[0]}, absent in this model")
+
+
+class Checkpoints:
+  """The run's checkpoint managers (latest and best)."""
+
+  def __init__(
+    self,
+    workdir: str | os.PathLike,
+    max_to_keep: int = 2,
+    best_metric: str | None = None,
+    best_mode: str = "max",
+  ):
+    root = Path(workdir).absolute()
+    self.latest = ocp.CheckpointManager(
+      root / "checkpoints",
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+    )
+    self.best = None
+    if best_metric:
+      self.best = ocp.CheckpointManager(
+        root / "best",
+        options=ocp.CheckpointManagerOptions(
+          max_to_keep=1,
+          best_fn=lambda m: m[best_metric],
+          best_mode=best_mode,
+          create=True,
+        ),
+      )
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict) -> None:
+    self.latest.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state_tree(state)), data=ocp.args.JsonSave(data_state)
+      ),
+    )
+
+  def save_best(self, step: int, params: Any, metrics: dict[str, float]) -> None:
+    if self.best is not None:
+      self.best.save(
+        step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), metrics=metrics
+      )
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    """``(state, data_state)`` at ``step`` (default latest), shaped and sharded as the target."""
+    return restore_state(self.latest, abstract_state, step)
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    if self.best is not None:
+      self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    if self.best is not None:
+      self.best.close()
+
+
+def restore_state(manager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+  step = manager.latest_step() if step is None else step
+  where = f"{manager.directory}/{step}"
+  meta = manager.item_metadata(step)
+  target = state_tree(abstract_state)
+  check_compatible(meta["state"]["params"], target["params"], where)
+  check_compatible(meta["state"], target, where)
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
+  )
+  return abstract_state.replace(**restored["state"]), dict(restored["data"] or {})
+
+
+def load_params(run_dir: str | os.PathLike) -> tuple[Any, str]:
+  """Params from another run: its best checkpoint if any, else its latest. Host numpy arrays.
+
+  Raises:
+    FileNotFoundError: no checkpoint under ``run_dir``.
+  """
+  root = Path(run_dir).absolute()
+  for sub, item in (("best", "params"), ("checkpoints", "state")):
+    if not (root / sub).is_dir():
+      continue
+    manager = ocp.CheckpointManager(
+      root / sub, options=ocp.CheckpointManagerOptions(read_only=True)
+    )
+    step = (
+      manager.latest_step()
+      if sub == "checkpoints"
+      else (manager.best_step() or manager.latest_step())
+    )
+    if step is None:
+      continue
+    meta = manager.item_metadata(step)[item]
+    abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_host_sharding()), meta
+    )
+    restored = manager.restore(
+      step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
+    )[item]
+    params = restored if item == "params" else restored["params"]
+    return jax.tree.map(np.asarray, params), f"{root / sub}/{step}"
+  raise FileNotFoundError(f"{root}: no orbax checkpoint under best/ or checkpoints/")
+
+
+def _host_sharding():
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

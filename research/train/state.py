@@ -1,0 +1,90 @@
+"""The train state and how a run builds its model and first parameters.
+
+``TrainState`` is a plain pytree (params, optimizer state, step, RNG, non-finite counters) so it
+can be jitted, donated, sharded and checkpointed whole. Parameters are created already in
+place: ``jax.eval_shape`` gives the shapes, then the init is jitted with ``out_shardings``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from research.models.config import EncoderConfig
+from research.models.heads import HeadConfig
+from research.models.task_model import TaskModel, make_task_model
+from research.transfer import hf
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. ``rng`` is raw uint32 key data (checkpoint-friendly)."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  nonfinite_streak: jax.Array  # consecutive skipped (non-finite) steps
+  nonfinite_total: jax.Array
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    zero = lambda: jnp.zeros([], jnp.int32)  # Distinct buffers: the state is donated.
+    return cls(zero(), params, tx.init(params), rng, zero(), zero(), tx)
+
+
+def compute_dtype(name: str) -> Any:
+  """'auto' is fp32 on CPU and bf16 on GPU/TPU."""
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: expected auto or one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def encoder_config(model_cfg: ml_collections.ConfigDict) -> EncoderConfig:
+  """The encoder architecture: the checkpoint's, with ``model.encoder_overrides`` applied."""
+  directory = hf.resolve(model_cfg.checkpoint)
+  cfg = hf.load_config(directory)
+  overrides = dict(model_cfg.get("encoder_overrides", {}) or {})
+  if "dropout" in model_cfg:
+    overrides.setdefault("hidden_dropout", model_cfg.dropout)
+    overrides.setdefault("attention_dropout", model_cfg.dropout)
+  return cfg.replace(**overrides)
+
+
+def build_model(
+  config: ml_collections.ConfigDict, num_labels: dict[str, int]
+) -> tuple[TaskModel, EncoderConfig]:
+  """The TaskModel for ``config.tasks`` with ``num_labels[task]`` outputs per head."""
+  enc = encoder_config(config.model)
+  heads = {}
+  for name, task in config.tasks.items():
+    head = dict(task.get("head", {}) or {})
+    heads[name] = HeadConfig(kind=task.kind, num_labels=num_labels[name], **head)
+  model = make_task_model(
+    enc,
+    heads,
+    dtype=compute_dtype(config.model.dtype),
+    param_dtype=DTYPES[config.model.param_dtype],
+    remat=config.model.remat,
+  )
+  return model, enc
+
+
+def init_fn(model: TaskModel, seq_len: int = 8):
+  """A function ``rng -> params`` suitable for ``jax.eval_shape`` and ``jax.jit``."""
+
+  def init(rng):
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return model.init(jax.random.wrap_key_data(rng), ids, jnp.ones_like(ids))["params"]
+
+  return init

@@ -1,0 +1,120 @@
+"""Pure train and eval steps: ``train_step(state, batch) -> (state, metrics)``.
+
+Static things (the model, the task, accumulation) are closed over; only arrays are traced, so
+each step is compiled once per batch shape. Gradient accumulation scans over micro-batches and
+divides the summed loss by the summed example weight, so k micro-batches of b equal one batch
+of k*b. A step whose loss or gradients are not finite is skipped: params and optimizer state
+keep their old values and the non-finite counters go up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from research import tasks as task_lib
+from research.models.task_model import TaskModel
+from research.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def apply_model(model: TaskModel, params, batch: Batch, task: str, rng=None) -> jax.Array:
+  """Logits of one task head; dropout is on exactly when ``rng`` is given."""
+  rngs = None if rng is None else {"dropout": rng}
+  out = model.apply(
+    {"params": params},
+    batch["input_ids"],
+    batch.get("attention_mask"),
+    batch.get("token_type_ids"),
+    tasks=(task,),
+    deterministic=rng is None,
+    rngs=rngs,
+  )
+  return out[task]
+
+
+def make_train_step(
+  model: TaskModel, task: str, kind: str, grad_accum: int = 1
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """The train step for one task.
+
+  Args:
+    model: the TaskModel.
+    task: the head to train.
+    kind: its task kind (selects the loss in research.tasks).
+    grad_accum: micro-batches per step; the batch's leading dim must divide by it.
+  """
+  loss_fn = task_lib.get(kind).loss
+
+  def summed_loss(params, micro: Batch, rng) -> tuple[jax.Array, jax.Array]:
+    logits = apply_model(model, params, micro, task, rng)
+    total, weight = loss_fn(logits, micro)
+    return total, weight
+
+  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if grad_accum == 1:
+      (total, weight), grads = grad_fn(state.params, batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+      def body(carry, xs):
+        i, mb = xs
+        (t, w), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        acc_t, acc_w, acc_g = carry
+        return (acc_t + t, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
+
+      init = (jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), zeros)
+      (total, weight, grads), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), micro))
+    denom = jnp.maximum(weight, 1.0)
+    loss = total / denom
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_streak=streak,
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+      "loss": jnp.where(finite, loss, jnp.nan),
+      "grad_norm": grad_norm,
+      "examples": weight,
+      "nonfinite_streak": streak,
+      "nonfinite_total": new_state.nonfinite_total,
+    }
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(model: TaskModel, task: str, kind: str) -> Callable[[Any, Batch], Any]:
+  """``eval_step(params, batch) -> (predictions, gold, loss sum, weight)`` for one task.
+
+  ``gold`` holds the batch's labels and example mask, returned so that under multi-host every
+  process can compute metrics over the global batch.
+  """
+  module = task_lib.get(kind)
+
+  def step(params, batch: Batch):
+    logits = apply_model(model, params, batch, task)
+    total, weight = module.loss(logits, batch)
+    gold = {k: batch[k] for k in ("labels", "example_mask")}
+    return module.predict(logits), gold, total, weight
+
+  return step

@@ -1,0 +1,336 @@
+"""``train_and_evaluate(config, workdir)``: the training loop of one experiment.
+
+One readable loop: build the model, find its first parameters (resume order: the workdir's own
+checkpoint -> ``resume_from`` -> ``init_from`` / pretrained graft -> scratch), build the optax
+chain, then run a jitted, donated train step over prefetched, sharded batches. The host reads
+device values only every ``train.log_every`` steps. Evaluations write metrics and keep the best
+params; checkpoints hold the state and the input position so a killed run resumes on the same
+trajectory. The run directory ends up with config.json, optim_summary.txt, graft_report.txt,
+metrics.jsonl, tb/, checkpoints/, best/ and results.json.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from research import optim
+from research import tasks as task_lib
+from research.train import checkpoints as ckpt_lib
+from research.train import parallel
+from research.train.metrics import MetricWriter
+from research.train.state import TrainState, build_model, init_fn
+from research.train.steps import make_eval_step, make_train_step
+from research.transfer import graft as graft_lib
+from research.transfer import hf
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite steps; the last good checkpoint is kept."""
+
+
+class Prefetcher:
+  """Puts the next ``depth`` batches on device ahead of the step, remembering input positions.
+
+  ``state()`` is the input iterator position *before* the first batch not yet handed out, which
+  is what a checkpoint after the current step must hold.
+  """
+
+  def __init__(
+    self,
+    it,
+    put: Callable[[dict], Any],
+    depth: int = 2,
+    hook: Callable[[int, dict], dict] | None = None,
+    start_step: int = 0,
+  ):
+    self._it, self._put, self._depth, self._hook = it, put, depth, hook
+    self._queue: collections.deque = collections.deque()
+    self._next_step = start_step
+
+  def _fill(self) -> None:
+    while len(self._queue) < self._depth:
+      position = self._it.get_state()
+      batch = next(self._it)
+      if self._hook is not None:
+        batch = self._hook(self._next_step + len(self._queue), batch)
+      self._queue.append((position, self._put(batch)))
+
+  def __next__(self):
+    self._fill()
+    self._next_step += 1
+    return self._queue.popleft()[1]
+
+  def state(self) -> dict:
+    return self._queue[0][0] if self._queue else self._it.get_state()
+
+
+def _single_task(config) -> tuple[str, ml_collections.ConfigDict]:
+  if len(config.tasks) != 1:
+    raise ValueError(
+      f"this trainer trains one task; config.tasks has {sorted(config.tasks)} "
+      "(use research.train.multitask for several)"
+    )
+  return next(iter(config.tasks.items()))
+
+
+def _graft_source(config) -> tuple[Any, str] | None:
+  """Params to graft (init_from or the pretrained checkpoint), or None for scratch."""
+  source = config.get("init_from") or ""
+  if source and any((Path(source) / d).is_dir() for d in ("best", "checkpoints")):
+    params, where = ckpt_lib.load_params(source)
+    return params, f"run checkpoint {where}"
+  if source:  # An HF checkpoint directory or hub id.
+    _, params = hf.load_pretrained(source)
+    return params, f"HF checkpoint {source}"
+  if config.model.init == "pretrained":
+    _, params = hf.load_pretrained(config.model.checkpoint)
+    return params, f"HF checkpoint {config.model.checkpoint}"
+  if config.model.init != "scratch":
+    raise ValueError(f"model.init={config.model.init!r}: expected pretrained or scratch")
+  return None
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  batch_hook: Callable[[int, dict], dict] | None = None,
+) -> dict[str, Any]:
+  """Trains and evaluates ``config`` in ``workdir``; returns the results.json dict.
+
+  Args:
+    config: the experiment config (see configs/).
+    workdir: the run directory; holding a checkpoint, the run resumes from it.
+    batch_hook: ``(step, numpy batch) -> batch``, for tests that alter inputs (e.g. inject
+      a NaN) or record what was seen.
+  """
+  from research.data import input_pipeline
+
+  t_start = time.time()
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  task, task_cfg = _single_task(config)
+  kind = task_cfg.kind
+  tcfg = config.train
+  labels = input_pipeline.label_names(task_cfg.data)
+  model, _ = build_model(config, {task: len(labels)})
+  mesh = parallel.make_mesh(config.get("parallel"))
+  parallel.check_batch_size(tcfg.batch_size, mesh)
+  if tcfg.batch_size % tcfg.grad_accum:
+    raise ValueError(f"train.batch_size={tcfg.batch_size} must divide by grad_accum")
+
+  # --- State: shapes first, then created (or restored) in place. --------------------------
+  rng = jax.random.key_data(jax.random.key(config.seed))
+  init = init_fn(model)
+  abstract_params = jax.eval_shape(init, rng)
+  tx, summary = optim.build(config.optim, abstract_params, tcfg.steps)
+  create = lambda r: TrainState.create(
+    init(r), tx, jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(r), 1))
+  )
+  abstract = jax.eval_shape(create, rng)
+  shardings = parallel.state_shardings(abstract, mesh, config.get("parallel"))
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+  ckpts = ckpt_lib.Checkpoints(
+    workdir,
+    max_to_keep=tcfg.max_to_keep,
+    best_metric=tcfg.get("best_metric") or None,
+    best_mode=tcfg.get("best_mode", "max"),
+  )
+  writer = MetricWriter(
+    workdir, total_steps=tcfg.steps, enabled=is_main, progress=tcfg.get("progress", True)
+  )
+  for line in summary:
+    writer.print(line)
+  if is_main:
+    (workdir / "optim_summary.txt").write_text("\n".join(summary) + "\n")
+  data_state: dict = {}
+  if ckpts.latest_step() is not None:
+    state, data_state = ckpts.restore(abstract)
+    origin = f"resumed from {ckpts.latest.directory}/{ckpts.latest_step()}"
+  elif config.get("resume_from"):
+    manager = ckpt_lib.Checkpoints(config.resume_from).latest
+    state, data_state = ckpt_lib.restore_state(manager, abstract)
+    origin = f"resumed from {config.resume_from}"
+  else:
+    state = jax.jit(create, out_shardings=shardings)(rng)
+    origin = "scratch"
+    source = _graft_source(config)
+    if source is not None:
+      params, report = graft_lib.graft(
+        state.params,
+        source[0],
+        [tuple(r) for r in config.model.graft_rules],
+        strict=config.model.get("strict_graft", False),
+        reinit_on_mismatch=tuple(config.model.get("reinit_on_mismatch", ())),
+      )
+      opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+      state = state.replace(params=params, opt_state=opt_state)
+      origin = f"grafted from {source[1]}"
+      writer.print(report.summary())
+      if is_main:
+        report.save(workdir / "graft_report.txt")
+  writer.print(f"init: {origin}")
+  start_step = int(state.step)
+  labels_tree = optim.freeze_labels(config.optim, abstract_params)
+  counts = optim.count_params(abstract_params, labels_tree)
+
+  # --- Data and steps. --------------------------------------------------------------------
+  splits = task_cfg.data.splits
+  train_it = input_pipeline.build_iterator(
+    task_cfg.data,
+    _tokenizer(config),
+    splits.train,
+    batch_size=tcfg.batch_size,
+    train=True,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  if data_state:
+    train_it.set_state(data_state)
+  bsharding = parallel.batch_sharding(mesh)
+  put = lambda b: parallel.global_batch(b, bsharding)
+  batches = Prefetcher(train_it, put, hook=batch_hook, start_step=start_step)
+  replicated = parallel.replicated(mesh)
+  train_step = jax.jit(
+    make_train_step(model, task, kind, tcfg.grad_accum),
+    in_shardings=(shardings, bsharding),
+    out_shardings=(shardings, replicated),
+    donate_argnums=(0,),
+  )
+  eval_step = jax.jit(
+    make_eval_step(model, task, kind),
+    in_shardings=(shardings.params, bsharding),
+    out_shardings=replicated,
+  )
+  evaluator = Evaluator(task, kind, task_cfg, config, put, eval_step)
+
+  # --- The loop. --------------------------------------------------------------------------
+  pending: list[dict] = []
+  last_eval: dict[str, dict] = {}
+  train_time, trained_examples, t_log = 0.0, 0.0, None
+  patience = tcfg.get("nonfinite_patience", 5)
+  for step in range(start_step, tcfg.steps):
+    state, metrics = train_step(state, next(batches))
+    pending.append(metrics)
+    done = step + 1
+    if done % tcfg.log_every == 0 or done == tcfg.steps:
+      host = jax.device_get(pending)  # The only device->host sync of the loop.
+      pending = []
+      now = time.time()
+      if t_log is not None:
+        train_time += now - t_log
+        trained_examples += float(sum(m["examples"] for m in host))
+      losses = [m["loss"] for m in host if np.isfinite(m["loss"])]
+      record = {
+        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+        "lr": float(optim.lr_schedule(config.optim, tcfg.steps)(done - 1)),
+        "nonfinite_total": int(host[-1]["nonfinite_total"]),
+      }
+      skipped = [start_step + 1 + i for i, m in enumerate(host) if not np.isfinite(m["loss"])]
+      writer.write(done, "train", record)
+      writer.advance(len(host), loss=record["loss"])
+      if int(host[-1]["nonfinite_total"]) and any(m["nonfinite_streak"] for m in host):
+        writer.print(
+          f"step {done}: skipped {sum(1 for m in host if m['nonfinite_streak'])} "
+          f"non-finite step(s); {record['nonfinite_total']} in total"
+        )
+      if max(int(m["nonfinite_streak"]) for m in host) >= patience:
+        ckpts.wait()
+        raise NonFiniteError(
+          f"stopping at step {done}: {patience} non-finite steps in a row (loss or gradient "
+          f"NaN/inf); the last good checkpoint is {ckpts.latest_step()} in "
+          f"{ckpts.latest.directory}" + (f"; skipped steps {skipped[:5]}" if skipped else "")
+        )
+      t_log = time.time()
+    if tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+      t_eval = time.time()
+      last_eval[task] = evaluator(state.params)
+      writer.write(done, "eval", {f"{k}": v for k, v in last_eval[task].items()})
+      writer.print(
+        f"step {done}: eval {task} "
+        + " ".join(f"{k}={v:.4f}" for k, v in last_eval[task].items() if isinstance(v, float))
+      )
+      flat = {f"{task}/{k}": float(v) for k, v in last_eval[task].items()}
+      ckpts.save_best(done, state.params, flat)
+      if t_log is not None:
+        t_log += time.time() - t_eval  # Evaluation time is not training time.
+    if tcfg.checkpoint_every and (done % tcfg.checkpoint_every == 0 or done == tcfg.steps):
+      ckpts.save(done, state, batches.state())
+  ckpts.wait()
+  ckpts.close()
+  writer.close()
+  if not last_eval and tcfg.eval_every:
+    last_eval[task] = evaluator(state.params)
+  results = {
+    "config": config.get("experiment", ""),
+    "tasks": [task],
+    "steps": int(tcfg.steps),
+    "eval": last_eval,
+    "train_examples_per_sec": trained_examples / train_time if train_time else None,
+    "wall_s": time.time() - t_start,
+    "params": counts,
+    "init": origin,
+  }
+  if is_main:
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  return results
+
+
+def _tokenizer(config):
+  import transformers
+
+  return transformers.AutoTokenizer.from_pretrained(str(hf.resolve(config.model.checkpoint)))
+
+
+class Evaluator:
+  """Runs one task's eval split through the jitted eval step; metrics on the host."""
+
+  def __init__(self, task, kind, task_cfg, config, put, eval_step):
+    self.task, self.module, self.put, self.eval_step = task, task_lib.get(kind), put, eval_step
+    self.task_cfg, self.config = task_cfg, config
+    self._batches: list[dict] | None = None
+
+  def batches(self) -> list[dict]:
+    if self._batches is None:  # Tokenized once, kept: eval sets are small.
+      from research.data import input_pipeline
+
+      it = input_pipeline.build_iterator(
+        self.task_cfg.data,
+        _tokenizer(self.config),
+        self.task_cfg.data.splits.eval,
+        batch_size=self.config.eval.batch_size,
+        train=False,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      )
+      self._batches = list(it)
+    return self._batches
+
+  def __call__(self, params) -> dict[str, float]:
+    preds, golds, total, weight = [], [], 0.0, 0.0
+    for batch in self.batches():
+      # Gold labels come back from the step so every process sees the global batch.
+      p, g, t, w = jax.device_get(self.eval_step(params, self.put(batch)))
+      preds.append(p)
+      golds.append(g)
+      total, weight = total + float(t), weight + float(w)
+    cat = lambda xs: {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
+    out = self.module.metrics(cat(preds), cat(golds))
+    out["loss"] = total / max(weight, 1.0)
+    return out
