@@ -7,8 +7,10 @@ either
 - a dict of named axes whose cartesian product is the sweep:
   `{"optim.lr": [1e-5, 3e-5], "seed": [0, 1]}`.
 
-The helpers `product`, `zipped` and `axis` build the same lists explicitly (axes may carry a
-short display name: `axis("optim.lr", [1e-5, 3e-5], name="lr")`). Keys are dotted config
+The helpers `product`, `zipped`, `axis` and `seeds` build the same lists explicitly; an axis
+may carry a short display name, and labels for values that make poor directory names:
+`axis("optim.freeze", {"none": (), "bottom4": ("encoder/layer_[0-3]/.*",)}, name="freeze")`.
+Values in a dict of axes may be such a label -> value dict too. Keys are dotted config
 paths, with or without the `config.` prefix. Seeds are an ordinary axis: every key whose last
 component is `seed` is treated as the seed axis, so the report can average over it.
 
@@ -46,6 +48,25 @@ Overrides = dict[str, Any]
 # ----------------------------------------------------------------------------- sweep builders
 
 
+def _value_id(value: Any) -> str:
+  return json.dumps(value, default=str)
+
+
+class Sweep(list):
+  """A list of override dicts that also remembers axis display names and value labels.
+
+  Attributes:
+    names: config key -> short name used in point names.
+    labels: config key -> {value id -> label}, for values that do not make good names
+      (tuples of regexes, nested dicts).
+  """
+
+  def __init__(self, points=(), names=None, labels=None):
+    super().__init__(points)
+    self.names: dict[str, str] = dict(names or {})
+    self.labels: dict[str, dict[str, str]] = {k: dict(v) for k, v in (labels or {}).items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Axis:
   """One named sweep axis: a config key and the values it takes.
@@ -54,25 +75,34 @@ class Axis:
     key: dotted config path, e.g. `optim.lr`.
     values: the values, in order.
     name: short name used in point names; defaults to the key's last component.
+    labels: optional label per value, used in point names instead of the value.
   """
 
   key: str
   values: tuple[Any, ...]
   name: str | None = None
+  labels: tuple[str, ...] | None = None
 
-  def points(self) -> list[Overrides]:
-    """Returns one override dict per value."""
-    return [{self.key: v} for v in self.values]
+  def points(self) -> Sweep:
+    """Returns one override dict per value (with this axis' name and labels attached)."""
+    labels = {}
+    if self.labels:
+      labels = {self.key: {_value_id(v): lab for v, lab in zip(self.values, self.labels)}}
+    names = {self.key: self.name} if self.name else {}
+    return Sweep([{self.key: v} for v in self.values], names, labels)
 
 
-def axis(key: str, values: Iterable[Any], name: str | None = None) -> Axis:
+def axis(key: str, values: Iterable[Any] | Mapping[str, Any], name: str | None = None) -> Axis:
   """Returns an `Axis` over `values` of the config key `key`.
 
   Args:
     key: dotted config path (`optim.lr` or `config.optim.lr`).
-    values: the values to sweep, in order.
+    values: the values to sweep, in order; or a dict label -> value, where the labels name
+      the points (`{"none": (), "bottom4": ("encoder/layer_[0-3]/.*",)}`).
     name: short display name for point names (default: last component of `key`).
   """
+  if isinstance(values, Mapping):
+    return Axis(_strip_prefix(key), tuple(values.values()), name, tuple(values))
   return Axis(_strip_prefix(key), tuple(values), name)
 
 
@@ -87,42 +117,59 @@ def seeds(values: Iterable[int] | int, key: str = "seed") -> Axis:
   return axis(key, vals, name="seed")
 
 
-def _as_points(part: Axis | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Overrides]:
+Part = Axis | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+
+def _as_sweep(part: Part) -> Sweep:
   if isinstance(part, Axis):
     return part.points()
+  if isinstance(part, Sweep):
+    return part
   if isinstance(part, Mapping):
-    return [dict(part)]
-  return [dict(p) for p in part]
+    return Sweep([dict(part)])
+  return Sweep([dict(p) for p in part])
 
 
-def product(*parts: Axis | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Overrides]:
+def _merge_meta(sweeps: Sequence[Sweep], points: list[Overrides]) -> Sweep:
+  out = Sweep(points)
+  for sw in sweeps:
+    out.names.update(sw.names)
+    for k, labels in sw.labels.items():
+      out.labels.setdefault(k, {}).update(labels)
+  return out
+
+
+def product(*parts: Part) -> Sweep:
   """Returns the cartesian product of axes (or lists of override dicts).
 
   Args:
-    *parts: `Axis` objects, single override dicts, or lists of override dicts.
+    *parts: `Axis` objects, single override dicts, or lists of override dicts (including
+      the results of `product` / `zipped`).
 
   Returns:
     One merged override dict per combination, the first part varying slowest.
   """
+  sweeps = [_as_sweep(p) for p in parts]
   out = []
-  for combo in itertools.product(*(_as_points(p) for p in parts)):
+  for combo in itertools.product(*sweeps):
     merged: Overrides = {}
     for d in combo:
-      merged.update(d)
+      merged.update({_strip_prefix(k): v for k, v in d.items()})
     out.append(merged)
-  return out
+  return _merge_meta(sweeps, out)
 
 
-def zipped(*parts: Axis | Sequence[Mapping[str, Any]]) -> list[Overrides]:
+def zipped(*parts: Part) -> Sweep:
   """Returns the element-wise zip of axes of equal length (e.g. lr paired with warmup).
 
   Raises:
     ValueError: if the parts differ in length.
   """
-  lists = [_as_points(p) for p in parts]
-  if len({len(x) for x in lists}) > 1:
-    raise ValueError(f"zipped axes differ in length: {[len(x) for x in lists]}")
-  return [{k: v for d in combo for k, v in d.items()} for combo in zip(*lists)]
+  sweeps = [_as_sweep(p) for p in parts]
+  if len({len(x) for x in sweeps}) > 1:
+    raise ValueError(f"zipped axes differ in length: {[len(x) for x in sweeps]}")
+  points = [{_strip_prefix(k): v for d in combo for k, v in d.items()} for combo in zip(*sweeps)]
+  return _merge_meta(sweeps, points)
 
 
 # ----------------------------------------------------------------------------- points
@@ -197,7 +244,9 @@ def _short_names(keys: Sequence[str], named: Mapping[str, str]) -> dict[str, str
 
 
 def make_points(
-  overrides: Sequence[Mapping[str, Any]], names: Mapping[str, str] | None = None
+  overrides: Sequence[Mapping[str, Any]],
+  names: Mapping[str, str] | None = None,
+  labels: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[Point]:
   """Names a list of override dicts as sweep points.
 
@@ -207,6 +256,7 @@ def make_points(
   Args:
     overrides: one dict per point.
     names: optional short display names per key.
+    labels: optional labels per key and value id (see `Sweep`).
 
   Returns:
     The points, in order.
@@ -218,11 +268,16 @@ def make_points(
   keys: list[str] = []
   for d in dicts:
     keys.extend(k for k in d if k not in keys)
-  varying = [k for k in keys if len({json.dumps(d.get(k), default=str) for d in dicts}) > 1]
+  varying = [k for k in keys if len({_value_id(d.get(k)) for d in dicts}) > 1]
   short = _short_names(varying, names or {})
+  labels = labels or {}
+
+  def label(k: str, v: Any) -> str:
+    return _name_value(labels.get(k, {}).get(_value_id(v), v))
+
   points, seen = [], set()
   for i, d in enumerate(dicts):
-    parts = [f"{short[k]}={_name_value(d[k])}" for k in varying if k in d]
+    parts = [f"{short[k]}={label(k, d[k])}" for k in varying if k in d]
     group_parts = [p for k, p in zip([k for k in varying if k in d], parts) if not is_seed_key(k)]
     name = ",".join(parts) or "default"
     if name in seen:
@@ -237,8 +292,9 @@ def expand(spec: Any) -> list[Point]:
   """Expands whatever `get_sweep()` returned into points.
 
   Args:
-    spec: a list of override dicts, a dict of axes (key -> list of values; product), an
-      `Axis`, or a list of `Axis` objects (product).
+    spec: a list of override dicts (or a `Sweep` from `product` / `zipped`), a dict of
+      axes (key -> list of values, or dict label -> value; their product), an `Axis`, or a
+      list of `Axis` objects (product).
 
   Returns:
     The points.
@@ -246,17 +302,17 @@ def expand(spec: Any) -> list[Point]:
   Raises:
     TypeError: for anything else.
   """
-  names: dict[str, str] = {}
   if isinstance(spec, Axis):
     spec = [spec]
   if isinstance(spec, Mapping):
-    axes = [axis(k, v if isinstance(v, (list, tuple, range)) else [v]) for k, v in spec.items()]
-    return make_points(product(*axes))
+    spec = [
+      axis(k, v if isinstance(v, (list, tuple, range, Mapping)) else [v]) for k, v in spec.items()
+    ]
   if isinstance(spec, Sequence) and spec and all(isinstance(a, Axis) for a in spec):
-    names = {a.key: a.name for a in spec if a.name}
-    return make_points(product(*spec), names)
+    spec = product(*spec)
   if isinstance(spec, Sequence) and all(isinstance(d, Mapping) for d in spec):
-    return make_points(list(spec))
+    sw = _as_sweep(spec)
+    return make_points(list(sw), sw.names, sw.labels)
   raise TypeError(f"get_sweep() must return a list of dicts or a dict of axes, got {spec!r}")
 
 

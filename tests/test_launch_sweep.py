@@ -61,6 +61,23 @@ def test_sweep_dict_of_axes_and_list_of_dicts():
   assert sweep.expand([{}])[0].name == "default"
 
 
+def test_sweep_value_labels_survive_product():
+  freeze = {"none": (), "bottom4": ("encoder/embeddings/.*", "encoder/layer_[0-3]/.*")}
+  points = sweep.expand(
+    sweep.product(sweep.axis("optim.freeze", freeze, name="freeze"), sweep.seeds([7, 8]))
+  )
+  assert [p.name for p in points] == [
+    "freeze=none,seed=7",
+    "freeze=none,seed=8",
+    "freeze=bottom4,seed=7",
+    "freeze=bottom4,seed=8",
+  ]
+  assert points[2].overrides["optim.freeze"] == freeze["bottom4"]
+  assert points[3].group == "freeze=bottom4" and points[3].seed == 8
+  by_dict = sweep.expand({"optim.freeze": freeze, "seed": [0]})
+  assert [p.name for p in by_dict] == ["freeze=none", "freeze=bottom4"]
+
+
 def test_sweep_zipped_and_ambiguous_short_names():
   points = sweep.expand(
     sweep.product(

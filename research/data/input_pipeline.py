@@ -27,21 +27,16 @@ is the index of the next batch.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any
 
-import grain
 import ml_collections
 import numpy as np
 
-from research.data import batching, registry, sources, tags, tokenize
-
-STATE_VERSION = 1
+from research.data import batching, iterators, registry, sources, tags, tokenize
 
 _MEMORY_CACHE: dict[str, tokenize.Tokenized] = {}
 _CACHE_LOCK = threading.Lock()
@@ -172,20 +167,7 @@ def tokenized_split(
   return tok
 
 
-@dataclasses.dataclass
-class PaddingStats:
-  """Token slots delivered so far: real tokens vs all slots of real rows."""
-
-  real_tokens: int = 0
-  slots: int = 0
-  shapes: set[tuple[int, ...]] = dataclasses.field(default_factory=set)
-
-  @property
-  def padding_fraction(self) -> float:
-    return 1.0 - self.real_tokens / max(self.slots, 1)
-
-
-class DataIterator:
+class DataIterator(iterators.GrainIterator):
   """A checkpointable iterator of numpy batches (see module docstring).
 
   Attributes:
@@ -207,33 +189,26 @@ class DataIterator:
     data_cfg: ml_collections.ConfigDict,
     split: str,
   ):
-    if batch_size % process_count:
-      raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes.")
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+    self._slice = process_slice(batch_size, process_index, process_count)
     self._tok = tok
     self._buckets = tuple(data_cfg.buckets)
     self._train = train
     self._seed = seed
     self._batch_size = batch_size
     self._pool_batches = data_cfg.pool_batches
-    local = batch_size // process_count
-    self._slice = slice(process_index * local, (process_index + 1) * local)
+    self._plans: dict[int, np.ndarray] = {}
+    self._plan_lock = threading.Lock()
     self.num_examples = len(tok)
     if train:
-      self.num_batches = self.num_examples // batch_size
-      if self.num_batches == 0:
+      num_batches = self.num_examples // batch_size
+      if num_batches == 0:
         raise ValueError(
           f"{data_cfg.name}[{split}]: {len(tok)} examples < batch_size {batch_size}."
         )
     else:
       self._eval_plan = batching.eval_plan(self.num_examples, batch_size)
-      self.num_batches = len(self._eval_plan)
-    self.stats = PaddingStats()
-    self._plans: dict[int, np.ndarray] = {}
-    self._plan_lock = threading.Lock()
-    self._fingerprint = dict(
-      version=STATE_VERSION,
+      num_batches = len(self._eval_plan)
+    fingerprint = dict(
       data=data_cfg.name,
       split=split,
       examples=self.num_examples,
@@ -242,16 +217,17 @@ class DataIterator:
       train=train,
       seed=seed if train else 0,
       num_epochs=num_epochs if train else 1,
+      buckets=list(self._buckets),
+      pool_batches=self._pool_batches if train else 0,
     )
-    ds = grain.MapDataset.range(self.num_batches)
-    if train:
-      ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(lambda i, _: self._make_batch(i))
-    options = grain.ReadOptions(
-      num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch
+    super().__init__(
+      self._make_batch,
+      num_batches=num_batches,
+      num_epochs=num_epochs if train else 1,
+      fingerprint=fingerprint,
+      num_threads=data_cfg.num_threads,
+      prefetch=data_cfg.prefetch,
     )
-    self._dataset = ds.to_iter_dataset(options)
-    self._it = iter(self._dataset)
 
   def _plan(self, epoch: int) -> np.ndarray:
     if not self._train:
@@ -271,31 +247,19 @@ class DataIterator:
     length = batching.padded_length(self._tok, rows, self._buckets)
     return batching.assemble(self._tok, rows[self._slice], int(rows[0]), length)
 
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._it)
-    real = batch["example_mask"] > 0
-    self.stats.real_tokens += int(batch["attention_mask"][real].sum())
-    self.stats.slots += int(real.sum()) * batch["input_ids"].shape[1]
-    self.stats.shapes.add(batch["input_ids"].shape)
-    return batch
+def process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
+  """This process's rows of a global batch.
 
-  def get_state(self) -> dict[str, Any]:
-    """The position as a JSON-serialisable dict (batches delivered so far + a fingerprint)."""
-    return {"grain": self._it.get_state(), **self._fingerprint}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    """Restores a position saved by :meth:`get_state` of an identically built iterator.
-
-    Raises:
-      ValueError: if the state was saved by an iterator over other data or settings.
-    """
-    diff = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k) != v}
-    if diff:
-      raise ValueError(f"Iterator state does not match this iterator (saved, now): {diff}.")
-    self._it.set_state(state["grain"])
+  Raises:
+    ValueError: if the batch does not split evenly or the index is out of range.
+  """
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes.")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+  local = batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
 
 
 def build_iterator(

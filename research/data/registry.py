@@ -27,8 +27,8 @@ Fields of ``data_cfg`` (every data set has all of them, so overrides are typo-ch
   shuffled examples sorted by length (less padding; more = less padding, less randomness).
 - ``num_threads``, ``prefetch``: grain read threads and prefetch buffer (batches).
 - ``cache_tokenized``: keep tokenized splits as ``.npz`` under ``<data_dir>/tokenized``.
-- ``few_shot.run``, ``few_shot.label_file``: intent sets: the published class split files
-  (``label_file.format(run=..., split=...)`` under ``manual_dir``) used by the episode sampler.
+- ``few_shot.run``: intent sets: which published class split (``'01'``..``'05'``) the episode
+  sampler uses (stored with the prepared data set, see :mod:`research.data.episodes`).
 """
 
 from __future__ import annotations

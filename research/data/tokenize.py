@@ -18,11 +18,13 @@ under ``<data_dir>/tokenized/``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,8 +95,17 @@ def special_ids(tokenizer: Any) -> dict[str, int]:
   return {"pad": int(pad), "bos": int(bos), "eos": int(eos)}
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary[Any, tuple[int, str]] = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-  """A digest of the tokenizer's vocabulary and settings (cache key)."""
+  """A digest of the tokenizer's vocabulary and settings (cache key); memoised per object."""
+  try:
+    size, digest = _FINGERPRINTS[tokenizer]
+    if size == len(tokenizer):  # Tokens added since: recompute.
+      return digest
+  except (KeyError, TypeError):
+    pass
   h = hashlib.sha256()
   h.update(f"{type(tokenizer).__name__}|{tokenizer.name_or_path}|{len(tokenizer)}".encode())
   backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -106,7 +117,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
   else:
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
   h.update(json.dumps(special_ids(tokenizer), sort_keys=True).encode())
-  return h.hexdigest()[:16]
+  digest = h.hexdigest()[:16]
+  with contextlib.suppress(TypeError):
+    _FINGERPRINTS[tokenizer] = (len(tokenizer), digest)
+  return digest
 
 
 def _encode(tokenizer: Any, *args: Any, **kwargs: Any) -> Any:

@@ -8,6 +8,7 @@ propagates them, which is what the train step needs (no per-op annotations).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -82,3 +83,28 @@ def state_shardings(abstract_state: Any, mesh: Mesh, cfg: ml_collections.ConfigD
     return NamedSharding(mesh, P())
 
   return paths.map_with_path(spec, abstract_state)
+
+
+def compile_train_step(
+  make_step: Callable[[str | None], Callable],
+  mode: str,
+  mesh: Mesh,
+  state_sharding: Any,
+  batch_sharding_: NamedSharding,
+) -> Callable:
+  """The train step compiled for ``parallel.mode``, donating the state.
+
+  Args:
+    make_step: ``axis_name -> step``; ``None`` for jit (XLA partitions the global step),
+      an axis name for per-device modes that reduce with ``psum``.
+    mode: 'jit' (default).
+    mesh, state_sharding, batch_sharding_: where state and batches live.
+  """
+  if mode == "jit":
+    return jax.jit(
+      make_step(None),
+      in_shardings=(state_sharding, batch_sharding_),
+      out_shardings=(state_sharding, replicated(mesh)),
+      donate_argnums=(0,),
+    )
+  raise ValueError(f"parallel.mode={mode!r}: expected 'jit'")

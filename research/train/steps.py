@@ -40,7 +40,7 @@ def apply_model(model: TaskModel, params, batch: Batch, task: str, rng=None) -> 
 
 
 def make_train_step(
-  model: TaskModel, task: str, kind: str, grad_accum: int = 1
+  model: TaskModel, task: str, kind: str, grad_accum: int = 1, axis_name: str | None = None
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """The train step for one task.
 
@@ -49,6 +49,8 @@ def make_train_step(
     task: the head to train.
     kind: its task kind (selects the loss in research.tasks).
     grad_accum: micro-batches per step; the batch's leading dim must divide by it.
+    axis_name: set when the step runs per device (pmap / shard_map): summed losses, weights
+      and gradients are ``psum``-ed over it, so the result equals the global-batch step.
   """
   loss_fn = task_lib.get(kind).loss
 
@@ -75,6 +77,8 @@ def make_train_step(
 
       init = (jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), zeros)
       (total, weight, grads), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), micro))
+    if axis_name is not None:
+      total, weight, grads = jax.lax.psum((total, weight, grads), axis_name)
     denom = jnp.maximum(weight, 1.0)
     loss = total / denom
     grads = jax.tree.map(lambda g: g / denom, grads)

@@ -206,11 +206,12 @@ def train_and_evaluate(
   put = lambda b: parallel.global_batch(b, bsharding)
   batches = Prefetcher(train_it, put, hook=batch_hook, start_step=start_step)
   replicated = parallel.replicated(mesh)
-  train_step = jax.jit(
-    make_train_step(model, task, kind, tcfg.grad_accum),
-    in_shardings=(shardings, bsharding),
-    out_shardings=(shardings, replicated),
-    donate_argnums=(0,),
+  train_step = parallel.compile_train_step(
+    lambda axis: make_train_step(model, task, kind, tcfg.grad_accum, axis),
+    config.parallel.mode,
+    mesh,
+    shardings,
+    bsharding,
   )
   eval_step = jax.jit(
     make_eval_step(model, task, kind),
