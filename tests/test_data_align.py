@@ -94,11 +94,11 @@ def test_align_fixture_pipeline(tmp_path, tokenizer, scheme):
   assert it._tok.stats["unk_words"] == 1
 
 
-def test_align_conll2003_dev_real(shared_data, tmp_path_factory, tokenizer):
+def test_align_conll2003_dev_real(shared_data, tokenizer):
   """Every CoNLL-2003 dev sentence decodes back to exactly its original tags."""
   if not (shared_data / "conll2003" / "valid.txt").is_file():
     pytest.skip("conll2003 not in ./data")
-  cfg = default_data_config("conll2003", data_dir=str(tmp_path_factory.mktemp("tfds")))
+  cfg = default_data_config("conll2003")  # default data_dir: prepared once, then reused
   it = build_iterator(cfg, tokenizer, "dev", batch_size=64, train=False)
   decoded = decode_words(it, label_names(cfg))
   builder = sources.get_builder(cfg)

@@ -143,3 +143,60 @@ def test_bucket_bad_batch_sizes(sst2_fixture, tokenizer):
     build_iterator(sst2_fixture, tokenizer, "train", batch_size=64, train=True)
   with pytest.raises(ValueError, match="no split 'test'"):
     build_iterator(sst2_fixture, tokenizer, "test", batch_size=8, train=False)
+
+
+def test_bucket_seq2seq_fixture(tmp_path, tokenizer):
+  cfg = default_data_config(
+    "multi30k",
+    manual_dir=str(FIXTURES / "multi30k"),
+    data_dir=str(tmp_path),
+    verify_checksums=False,
+  )
+  batches = list(build_iterator(cfg, tokenizer, "validation", batch_size=4, train=False))
+  assert len(batches) == 1
+  b = batches[0]
+  keys = {"input_ids", "attention_mask", "token_type_ids", "decoder_input_ids"}
+  keys |= {"decoder_attention_mask", "labels", "example_mask"}
+  assert set(b) == keys
+  t = b["input_ids"].shape[1]
+  assert t in cfg.buckets and all(b[k].shape == (4, t) for k in keys - {"example_mask"})
+  np.testing.assert_array_equal(b["example_mask"], [1, 1, 1, 0])
+  bos, eos = tokenizer.cls_token_id, tokenizer.sep_token_id
+  assert (b["decoder_input_ids"][:, 0] == bos).all()
+  for row in range(3):
+    n = int(b["decoder_attention_mask"][row].sum())
+    labels, dec = b["labels"][row], b["decoder_input_ids"][row]
+    # Teacher forcing: labels are the decoder inputs shifted left, ending in EOS; -100 after.
+    np.testing.assert_array_equal(labels[: n - 1], dec[1:n])
+    assert labels[n - 1] == eos and (labels[n:] == -100).all()
+  assert (b["labels"][3] == -100).all()  # the padding row
+  assert tokenizer.decode(b["labels"][0][b["labels"][0] >= 0], skip_special_tokens=True) == (
+    "ein mann fahrt fahrrad."  # the uncased MiniLM tokenizer lower-cases and strips accents
+  )
+  assert tokenizer.decode(b["input_ids"][0], skip_special_tokens=True) == "a man is riding a bike."
+
+
+def test_bucket_sst2_real(shared_data, tokenizer):
+  """Real SST-2 train: <= len(buckets) shapes, < 25% padding, exact resume after k batches."""
+  if not (shared_data / "sst2" / "train.tsv").is_file():
+    pytest.skip("sst2 not in ./data")
+  cfg = default_data_config("sst2")
+  it = build_iterator(cfg, tokenizer, "train", batch_size=32, train=True, seed=0)
+  assert it.num_examples == 67349 and it.num_batches == 67349 // 32
+  take(it, 300)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 20)
+  assert len(it.stats.shapes) <= len(cfg.buckets)
+  assert it.stats.padding_fraction < 0.25, it.stats.padding_fraction
+  # The whole epoch's plan, not only the batches drawn so far.
+  plan = batching.train_plan(it._tok.lengths, 32, 0, 0, cfg.pool_batches)
+  fraction = batching.padding_fraction(it._tok, plan, cfg.buckets)
+  assert fraction < 0.25, fraction
+  shapes = {batching.padded_length(it._tok, rows, cfg.buckets) for rows in plan}
+  assert shapes <= set(cfg.buckets)
+  again = build_iterator(cfg, tokenizer, "train", batch_size=32, train=True, seed=0)
+  again.set_state(state)
+  assert_same(take(again, 20), expected)
+  # Every example of the epoch appears at most once; only n % 32 are left out.
+  flat = plan.ravel()
+  assert len(np.unique(flat)) == len(flat) == (67349 // 32) * 32

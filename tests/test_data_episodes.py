@@ -125,10 +125,10 @@ def test_episode_iterator_errors(banking_fixture, tokenizer):
 
 
 @pytest.mark.parametrize("name,sizes", [("banking77", (25, 25, 27)), ("clinc150", (50, 50, 50))])
-def test_episode_real_class_splits(shared_data, tmp_path_factory, tokenizer, name, sizes):
+def test_episode_real_class_splits(shared_data, tokenizer, name, sizes):
   if not (shared_data / name / "full.jsonl").is_file():
     pytest.skip(f"{name} not in ./data")
-  cfg = default_data_config(name, data_dir=str(tmp_path_factory.mktemp("tfds")))
+  cfg = default_data_config(name)
   for run in ("01", "02", "03", "04", "05"):
     cfg.few_shot.run = run
     splits = episodes.class_splits(cfg)

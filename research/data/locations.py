@@ -38,6 +38,11 @@ def tfds_dir() -> Path:
 
 
 def resolve_manual_dir(path: str | os.PathLike[str]) -> Path:
-  """A data-set folder: absolute paths as given, relative ones under :func:`data_root`."""
+  """A data-set folder: absolute paths as given; a relative one under :func:`data_root`, else
+  (when only that exists) relative to the working directory or the repo, e.g. a test fixture.
+  """
   path = Path(path).expanduser()
-  return path if path.is_absolute() else data_root() / path
+  if path.is_absolute():
+    return path
+  candidates = [data_root() / path, Path.cwd() / path, repo_root() / path]
+  return next((c for c in candidates if c.is_dir()), candidates[0])

@@ -11,7 +11,9 @@ Fields of ``data_cfg`` (every data set has all of them, so overrides are typo-ch
 - ``manual_dir``: folder of the raw files, relative to the data root (``$RESEARCH_DATA_DIR`` or
   ``./data``) unless absolute. Local sources only.
 - ``data_dir``: prepared ArrayRecord data; ``''``: ``$RESEARCH_TFDS_DIR`` or ``./.tfds``.
-- ``verify_checksums``: compare raw files with the published sha256 before preparing.
+- ``verify_checksums``: compare raw files with the published sha256 (only when ``manual_dir`` is
+  the registry's folder; an overridden ``manual_dir`` holds other files on purpose). Raw files
+  that are not the published copy are prepared apart, under ``<data_dir>/custom/<digest>``.
 - ``download``: catalog sources only: let tfds download and prepare when not prepared yet.
 - ``splits.train`` / ``splits.eval``: the split names a trainer should use by default.
 - ``text_key``, ``text_pair_key`` (``''`` = single text), ``label_key``: classification features.

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from research.data import builders, locations
+from research.data import builders, locations, registry
+from research.data.builders import common
 
 # First part of a catalog name -> module whose import registers the builder.
 CATALOG_MODULES = {
@@ -61,13 +64,43 @@ def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
   return Path(builder.data_dir, "dataset_info.json").exists()
 
 
+def verifies(data_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether raw files are checked against the published sha256.
+
+  Only for the registry's own folder of the data set (relocatable with ``$RESEARCH_DATA_DIR``):
+  a ``manual_dir`` override points at other files on purpose (fixtures, subsets).
+  """
+  default = registry.DATASETS.get(data_cfg.name, {}).get("manual_dir")
+  return bool(data_cfg.verify_checksums) and data_cfg.manual_dir == default
+
+
 def _local_builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Our builder for ``data_cfg``; its data_dir depends on the raw files it reads.
+
+  The published copy is prepared under ``data_dir`` itself; any other set of raw files (a
+  fixture, an edited copy) under ``data_dir/custom/<digest of its files>``, so the two are
+  never mixed up and each is prepared once.
+  """
   name, _, config = data_cfg.tfds_name.partition("/")
   cls = builders.BUILDERS.get(name)
   if cls is None:
     raise KeyError(f"No local builder {name!r}; known: {sorted(builders.BUILDERS)}.")
-  kwargs = dict(data_dir=str(data_dir(data_cfg)), file_format="array_record")
-  return cls(config=config or None, verify_checksums=data_cfg.verify_checksums, **kwargs)
+  if config not in cls.builder_configs:
+    raise KeyError(f"{name} has no config {config!r}; known: {sorted(cls.builder_configs)}.")
+  builder_cfg = cls.builder_configs[config]
+  manual_dir = locations.resolve_manual_dir(data_cfg.manual_dir)
+  digests = common.verify_inputs(
+    builder_cfg, manual_dir, cls.input_files(builder_cfg, manual_dir), verifies(data_cfg)
+  )
+  published = bool(builder_cfg.sha256) and all(
+    builder_cfg.sha256.get(n) == d for n, d in digests.items()
+  )
+  root = data_dir(data_cfg)
+  if not published:
+    tag = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:12]
+    root = root / "custom" / tag
+  kwargs = dict(data_dir=str(root), file_format="array_record")
+  return cls(config=config, verify_checksums=verifies(data_cfg), **kwargs)
 
 
 def _catalog_builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -84,7 +117,8 @@ def get_builder(data_cfg: ml_collections.ConfigDict, prepare: bool = True) -> An
 
   Raises:
     FileNotFoundError: local set whose manual dir or files are missing.
-    research.data.builders.common.InputError: malformed raw files (names file:line).
+    research.data.builders.common.InputError: malformed raw files (names file:line), or files
+      that differ from the published copy (see :func:`verifies`).
   """
   if data_cfg.source == "local":
     builder = _local_builder(data_cfg)

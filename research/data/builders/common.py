@@ -57,7 +57,8 @@ class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   Subclasses implement ``_features()`` and ``_generate_examples(split, spec, manual_dir)``.
   ``verify_checksums=False`` skips the sha256 comparison (for fixtures or edited copies); the
-  digests are recorded in ``info.metadata["inputs"]`` either way.
+  digests are recorded in ``info.metadata["inputs"]`` either way. Manual-dir files beyond the
+  split files (e.g. class split lists) are declared by overriding :meth:`input_files`.
   """
 
   VERSION = VERSION
@@ -80,12 +81,18 @@ class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       metadata=tfds.core.MetadataDict(),
     )
 
+  @classmethod
+  def input_files(cls, config: LocalFilesConfig, manual_dir: Path) -> list[str]:
+    """Every manual-dir file (relative name) the data set is built from."""
+    splits = present_splits(config, manual_dir)
+    return sorted({n for spec in splits.values() for n in file_names(spec)})
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     cfg = self.builder_config
     manual_dir = Path(dl_manager.manual_dir)
-    splits = present_splits(cfg, manual_dir)
-    names = [n for spec in splits.values() for n in file_names(spec)]
+    names = self.input_files(cfg, manual_dir)
     self.info.metadata["inputs"] = verify_inputs(cfg, manual_dir, names, self._verify_checksums)
+    splits = present_splits(cfg, manual_dir)
     self._prepare(splits, manual_dir)
     return {
       split: self._generate_examples(split=split, spec=spec, manual_dir=manual_dir)
@@ -96,13 +103,20 @@ class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     """Hook run before generation (e.g. to collect label names over all splits)."""
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: Path) -> str:
-  """The hex sha256 digest of a file."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+  """The hex sha256 digest of a file (memoised on path, size and modification time)."""
+  st = path.stat()
+  key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+  if key not in _DIGESTS:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    _DIGESTS[key] = h.hexdigest()
+  return _DIGESTS[key]
 
 
 def file_names(spec: Any) -> list[str]:

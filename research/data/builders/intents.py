@@ -159,6 +159,29 @@ def examples(manual_dir: Path, spec: Any, cfg: IntentConfig) -> Iterator[tuple[s
   raise ValueError(f"Unknown intent format {cfg.format!r}; expected 'jsonl' or 'clinc_json'.")
 
 
+def _runs(manual_dir: Path, cfg: IntentConfig) -> dict[str, dict[str, Path]]:
+  """``{run: {split: path}}`` of the complete class split file sets in the manual dir."""
+  if not cfg.class_split_files:
+    return {}
+  pattern = cfg.class_split_files
+  runs = sorted(p.name for p in manual_dir.glob(pattern.split("{run}")[0] + "*") if p.is_dir())
+  out = {}
+  for run in runs:
+    paths = {s: manual_dir / pattern.format(run=run, split=s) for s in CLASS_SPLITS}
+    if all(p.is_file() for p in paths.values()):
+      out[run] = paths
+  return out
+
+
+def class_split_files(manual_dir: Path, cfg: IntentConfig) -> list[str]:
+  """The class split files present (names relative to the manual dir)."""
+  return [
+    str(p.relative_to(manual_dir))
+    for paths in _runs(manual_dir, cfg).values()
+    for p in paths.values()
+  ]
+
+
 def read_class_splits(
   manual_dir: Path, cfg: IntentConfig, known: set[str]
 ) -> dict[str, dict[str, list[str]]]:
@@ -167,14 +190,8 @@ def read_class_splits(
   Raises:
     InputError: on an unknown class name, a duplicate, or classes shared between splits.
   """
-  if not cfg.class_split_files:
-    return {}
-  runs = sorted(p.name for p in manual_dir.glob(cfg.class_split_files.split("{run}")[0] + "*"))
   out: dict[str, dict[str, list[str]]] = {}
-  for run in runs:
-    paths = {s: manual_dir / cfg.class_split_files.format(run=run, split=s) for s in CLASS_SPLITS}
-    if not all(p.is_file() for p in paths.values()):
-      continue
+  for run, paths in _runs(manual_dir, cfg).items():
     seen: dict[str, str] = {}
     out[run] = {}
     for split, path in paths.items():
@@ -204,16 +221,15 @@ class LocalIntents(common.LocalFilesBuilder):
       {"text": tfds.features.Text(), "label": tfds.features.ClassLabel()}
     )
 
+  @classmethod
+  def input_files(cls, config: IntentConfig, manual_dir: Path) -> list[str]:
+    return sorted(super().input_files(config, manual_dir) + class_split_files(manual_dir, config))
+
   def _prepare(self, splits: dict[str, Any], manual_dir: Path) -> None:
     cfg = self.builder_config
     names = {label for spec in splits.values() for _, label in examples(manual_dir, spec, cfg)}
     self.info.features["label"].names = sorted(names)
-    class_splits = read_class_splits(manual_dir, cfg, names)
-    files = [
-      cfg.class_split_files.format(run=run, split=s) for run in class_splits for s in CLASS_SPLITS
-    ]
-    common.verify_inputs(cfg, manual_dir, files, self._verify_checksums)
-    self.info.metadata["class_splits"] = class_splits
+    self.info.metadata["class_splits"] = read_class_splits(manual_dir, cfg, names)
 
   def _generate_examples(self, split: str, spec: Any, manual_dir: Path):
     for i, (text, label) in enumerate(examples(manual_dir, spec, self.builder_config)):
