@@ -6,7 +6,8 @@
 The commands, in order:
 1. (`--create`) `gcloud compute tpus tpu-vm create` the TPU VM;
 2. `ssh --worker=all` to make the code directory, `scp --worker=all --recurse` the code
-   (`--code` paths, by default the package, launchers, configs and pyproject) to every host;
+   (the package, launchers, configs and pyproject, plus any `--code` paths such as a local
+   `data` directory) to every host;
 3. `ssh --worker=all` to install it (`--setup`, default installs `jax[tpu]` and the package);
 4. per sweep point, `ssh --worker=all --command=...` running the trainer on every host at
    once, as a pod slice needs (with `--config.parallel.distributed=true`, the trainer's
@@ -127,7 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--version", default="tpu-ubuntu2204-base", help="TPU software version")
   parser.add_argument("--spot", action="store_true")
   parser.add_argument("--remote-dir", "--remote_dir", default="~/research")
-  parser.add_argument("--code", action="append", default=None, help="local path to copy")
+  parser.add_argument(
+    "--code",
+    action="append",
+    default=[],
+    help=f"another local path to copy (repeatable), besides {' '.join(DEFAULT_CODE)}",
+  )
   parser.add_argument("--setup", default=DEFAULT_SETUP, help="install command ('' to skip)")
   parser.add_argument("--python", default="python3", help="interpreter on the TPU hosts")
   args, plan = cli.parse(parser, argv)
@@ -143,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     version=args.version,
     spot=args.spot,
     remote_dir=args.remote_dir,
-    code=args.code or DEFAULT_CODE,
+    code=list(dict.fromkeys([*DEFAULT_CODE, *args.code])),
     setup=args.setup or None,
     python=args.python,
   )
