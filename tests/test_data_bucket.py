@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -183,7 +184,16 @@ def test_bucket_sst2_real(shared_data, tokenizer):
   cfg = default_data_config("sst2")
   it = build_iterator(cfg, tokenizer, "train", batch_size=32, train=True, seed=0)
   assert it.num_examples == 67349 and it.num_batches == 67349 // 32
-  take(it, 300)
+  traces = []
+
+  @jax.jit
+  def consume(batch):
+    traces.append(batch["input_ids"].shape)  # runs once per compilation
+    return (batch["input_ids"] * batch["attention_mask"]).sum()
+
+  for batch in take(it, 300):
+    consume(batch)
+  assert 1 < len(traces) <= len(cfg.buckets), traces
   state = json.loads(json.dumps(it.get_state()))
   expected = take(it, 20)
   assert len(it.stats.shapes) <= len(cfg.buckets)
