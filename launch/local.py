@@ -60,8 +60,11 @@ def free_gpus(nvidia_smi: str = "nvidia-smi", visible: str | None = None) -> lis
 
   Args:
     nvidia_smi: the nvidia-smi executable.
-    visible: restrict to these (a `CUDA_VISIBLE_DEVICES` string); default from the
-      environment.
+    visible: restrict to these (a `CUDA_VISIBLE_DEVICES` string of indices); default from
+      the environment. An empty string means no GPU.
+
+  Returns:
+    The free indices (possibly none, when every GPU is busy), or None without GPUs.
   """
   try:
     out = subprocess.run(
@@ -78,7 +81,9 @@ def free_gpus(nvidia_smi: str = "nvidia-smi", visible: str | None = None) -> lis
   except (OSError, subprocess.SubprocessError):
     return None
   visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
-  allowed = None if visible in (None, "") else {v.strip() for v in visible.split(",")}
+  if visible is not None and not visible.strip():
+    return None  # CUDA_VISIBLE_DEVICES="" hides every GPU: run on CPU
+  allowed = None if visible is None else {v.strip() for v in visible.split(",")}
   gpus = []
   for line in out.strip().splitlines():
     idx, mem, util = (x.strip() for x in line.split(","))
@@ -93,17 +98,22 @@ def make_slots(gpus: Sequence[str] | None, parallel: int, gpus_per_point: int = 
   """Returns one environment patch per concurrent slot.
 
   Args:
-    gpus: free GPU indices (None or empty: CPU).
+    gpus: free GPU indices; None for CPU. An empty list (every GPU busy) gives no slot.
     parallel: points at a time on CPU.
     gpus_per_point: GPUs given to each point.
 
   Returns:
-    `[{"CUDA_VISIBLE_DEVICES": "0"}, ...]` on GPU, `[{}] * parallel` on CPU.
+    `[{"CUDA_VISIBLE_DEVICES": "0", ...}, ...]` on GPU, `[{}] * parallel` on CPU.
   """
-  if not gpus:
+  if gpus is None:
     return [{} for _ in range(max(1, parallel))]
   groups = [gpus[i : i + gpus_per_point] for i in range(0, len(gpus), gpus_per_point)]
-  return [{"CUDA_VISIBLE_DEVICES": ",".join(g)} for g in groups if len(g) == gpus_per_point]
+  # nvidia-smi numbers GPUs in PCI bus order; make CUDA use the same numbering.
+  return [
+    {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(g)}
+    for g in groups
+    if len(g) == gpus_per_point
+  ]
 
 
 def _has_partial_run(workdir: Path) -> bool:
@@ -266,14 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
   slots = make_slots(gpus, args.parallel, args.gpus_per_point)
-  if gpus is not None and not slots:
-    print("no free GPU; use --gpus=none to run on CPU", file=sys.stderr)
+  if not slots:
+    print("no free GPU (or fewer than --gpus-per-point); --gpus=none runs on CPU", file=sys.stderr)
     return 2
 
   if args.dry_run:
     for k, p in enumerate(plan.points):
       env = slots[k % len(slots)]
-      prefix = "".join(f"{name}={value} " for name, value in env.items())
+      prefix = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} " if env else ""
       done = "  # done, skipped" if sweep.is_done(Path(plan.workdir(p))) else ""
       print(f"{prefix}{shlex.join([args.python, '-m', plan.entry, *plan.args(p)])}{done}")
     return 0

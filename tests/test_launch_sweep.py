@@ -126,19 +126,22 @@ def test_sweep_points_validate_keys_and_config_errors(tmp_path):
 # ----------------------------------------------------------------------------- local launcher
 
 
-def test_sweep_local_slots_and_free_gpus(tmp_path):
+def test_sweep_local_slots_and_free_gpus(tmp_path, monkeypatch):
   assert local.make_slots(None, 3) == [{}, {}, {}]
-  assert local.make_slots(["0", "2", "3"], 1) == [
-    {"CUDA_VISIBLE_DEVICES": "0"},
-    {"CUDA_VISIBLE_DEVICES": "2"},
-    {"CUDA_VISIBLE_DEVICES": "3"},
-  ]
-  assert local.make_slots(["0", "1", "2"], 1, gpus_per_point=2) == [{"CUDA_VISIBLE_DEVICES": "0,1"}]
+  slots = local.make_slots(["0", "2", "3"], 1)
+  assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "2", "3"]
+  assert slots[0]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # same numbering as nvidia-smi
+  slots = local.make_slots(["0", "1", "2"], 1, gpus_per_point=2)
+  assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1"]
+  assert local.make_slots([], 4) == []  # every GPU busy: no slot, not a silent CPU fallback
   smi = tmp_path / "nvidia-smi"
   smi.write_text("#!/bin/sh\nprintf '0, 12, 0\\n1, 30000, 97\\n2, 3, 0\\n3, 5, 1\\n'\n")
   smi.chmod(0o755)
-  assert local.free_gpus(str(smi), visible="") == ["0", "2", "3"]
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  assert local.free_gpus(str(smi)) == ["0", "2", "3"]
   assert local.free_gpus(str(smi), visible="1,2") == ["2"]
+  assert local.free_gpus(str(smi), visible="1") == []
+  assert local.free_gpus(str(smi), visible="") is None
   assert local.free_gpus(str(tmp_path / "missing")) is None
 
 
