@@ -162,14 +162,29 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def _stop_pidfile(path: Path) -> None:
-  with contextlib.suppress(OSError, ValueError):
-    pid = int(path.read_text().strip())
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(50):
-      os.kill(pid, 0)
-      time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+def _stop_daemons(pidfiles: list[Path], grace_s: float = 10.0) -> None:
+  """SIGTERM every daemon at once, wait for them to exit, SIGKILL what is left."""
+  pids = []
+  for path in pidfiles:
+    with contextlib.suppress(OSError, ValueError):
+      pid = int(path.read_text().strip())
+      os.kill(pid, signal.SIGTERM)
+      pids.append(pid)
+  deadline = time.time() + grace_s
+  while pids and time.time() < deadline:
+    time.sleep(0.1)
+    pids = [p for p in pids if _alive(p)]
+  for pid in pids:
+    with contextlib.suppress(OSError):
+      os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except OSError:
+    return False
+  return True
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +244,7 @@ def slurm_cluster():
     else:
       os.environ["SLURM_CONF"] = old_conf
     subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True)
-    _stop_pidfile(d / "slurmd.pid")
-    _stop_pidfile(d / "slurmctld.pid")
-    subprocess.run([_which("munged"), "--stop", f"--socket={d}/munge/munge.socket"], env=env)
-    _stop_pidfile(d / "munge" / "munged.pid")
+    _stop_daemons([d / "slurmd.pid", d / "slurmctld.pid", d / "munge" / "munged.pid"])
     shutil.rmtree(d, ignore_errors=True)
 
 
