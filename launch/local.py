@@ -289,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
   def on_term(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup
     raise _Stop()
 
   signal.signal(signal.SIGTERM, on_term)
