@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from research.data import batching, build_iterator, default_data_config
+from research.data import batching, build_iterator, default_data_config, label_names
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
@@ -153,6 +153,7 @@ def test_bucket_seq2seq_fixture(tmp_path, tokenizer):
     data_dir=str(tmp_path),
     verify_checksums=False,
   )
+  assert label_names(cfg) == []
   batches = list(build_iterator(cfg, tokenizer, "validation", batch_size=4, train=False))
   assert len(batches) == 1
   b = batches[0]
@@ -198,6 +199,7 @@ def test_bucket_sst2_real(shared_data, tokenizer):
   expected = take(it, 20)
   assert len(it.stats.shapes) <= len(cfg.buckets)
   assert it.stats.padding_fraction < 0.25, it.stats.padding_fraction
+  assert it.planned_padding_fraction() < 0.25
   # The whole epoch's plan, not only the batches drawn so far.
   plan = batching.train_plan(it._tok.lengths, 32, 0, 0, cfg.pool_batches)
   fraction = batching.padding_fraction(it._tok, plan, cfg.buckets)

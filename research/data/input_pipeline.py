@@ -22,7 +22,8 @@ Usage::
 slice of each global batch. ``T`` is a bucket length of ``data_cfg.buckets``. Training iterators
 shuffle with ``seed`` and repeat for ``num_epochs`` (None = forever); evaluation iterators make
 one pass in data order. The iterator is a grain ``MapDataset`` over batch indices, so its state
-is the index of the next batch.
+is the index of the next batch. ``it.stats.padding_fraction`` reports the padding of the batches
+delivered so far, ``it.planned_padding_fraction(epoch)`` that of a whole epoch (also logged).
 """
 
 from __future__ import annotations
@@ -48,21 +49,19 @@ def _source_tag_names(builder: Any, data_cfg: ml_collections.ConfigDict) -> list
 
 
 def label_names(data_cfg: ml_collections.ConfigDict) -> list[str]:
-  """Class names (classification) or tag names in ``data_cfg.tag_scheme`` (tagging).
+  """Class names (classification), tag names in ``data_cfg.tag_scheme`` (tagging), or ``[]``.
 
-  The list index is the label id used in batches. Local data sets are prepared first if needed.
-
-  Raises:
-    ValueError: for seq2seq data sets, which have no label names.
+  The list index is the label id used in batches; seq2seq data sets have no label names (their
+  labels are token ids). Local data sets are prepared first if needed.
   """
   registry.validate(data_cfg)
+  if data_cfg.task == "seq2seq":
+    return []
   builder = sources.get_builder(data_cfg, prepare=data_cfg.source == "local")
   if data_cfg.task == "classification":
     return list(builder.info.features[data_cfg.label_key].names)
-  if data_cfg.task == "tagging":
-    types = tags.entity_types(_source_tag_names(builder, data_cfg))
-    return tags.tag_names(types, data_cfg.tag_scheme)
-  raise ValueError(f"{data_cfg.name}: seq2seq data sets have no label names.")
+  types = tags.entity_types(_source_tag_names(builder, data_cfg))
+  return tags.tag_names(types, data_cfg.tag_scheme)
 
 
 def _num_examples(builder: Any, split: str) -> int:
@@ -241,6 +240,10 @@ class DataIterator(iterators.GrainIterator):
           del self._plans[old]
       return self._plans[epoch]
 
+  def planned_padding_fraction(self, epoch: int = 0) -> float:
+    """Fraction of padded token slots over all batches of an epoch (real rows only)."""
+    return batching.padding_fraction(self._tok, self._plan(epoch), self._buckets)
+
   def _make_batch(self, index: int) -> dict[str, np.ndarray]:
     epoch, j = divmod(index, self.num_batches)
     rows = self._plan(epoch)[j]
@@ -307,13 +310,15 @@ def build_iterator(
     split=split,
   )
   logging.info(
-    "%s[%s]: %d examples, %d batches of %d, buckets %s, stats %s",
+    "%s[%s]: %d examples, %d batches of %d, buckets %s, padding fraction %.3f (%s), %s",
     data_cfg.name,
     split,
     it.num_examples,
     it.num_batches,
     batch_size,
     tuple(data_cfg.buckets),
+    it.planned_padding_fraction(),
+    "epoch 0" if train else "one pass",
     tok.stats,
   )
   return it
