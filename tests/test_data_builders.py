@@ -7,6 +7,7 @@ skip when ./data lacks the data set.
 from __future__ import annotations
 
 import gzip
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ def test_builder_sst2_fixture(tmp_path):
   cols = sources.read_columns(builder, "validation", ["text", "label"])
   assert cols["text"][0] == "a charming mess"  # file order kept, trailing space stripped
   assert cols["label"][:2] == [1, 0]
+  assert "tensorflow" not in sys.modules  # prepared and read without TensorFlow
 
 
 def test_builder_conll_fixtures(tmp_path):

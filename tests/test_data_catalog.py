@@ -32,6 +32,8 @@ def test_builder_catalog_glue_sst2_mock(tmp_path, tokenizer):
     assert set(np.unique(b["labels"])) <= {0, 1}
   assert len(evals) == 4 and evals[-1]["example_mask"].sum() == 50 - 48
   assert not (tmp_path / "tokenized").exists()  # mocked data is never cached on disk
+  with tfds.testing.mock_data(num_examples=20):  # nor in memory: a new mock, new examples
+    assert build_iterator(cfg, tokenizer, "validation", batch_size=16, train=False).num_batches == 2
 
 
 def test_builder_catalog_conll2003_mock(tmp_path, tokenizer):

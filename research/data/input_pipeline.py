@@ -145,12 +145,15 @@ def tokenized_split(
   registry.validate(data_cfg)
   builder = sources.get_builder(data_cfg)
   sources.check_split(builder, split)
+  # Only prepared data is cached: a data set served by tfds.testing.mock_data is not on disk
+  # and may differ from call to call.
+  cacheable = sources.is_prepared(builder)
   key = _cache_key(data_cfg, builder, split, tokenizer)
   with _CACHE_LOCK:
-    if key in _MEMORY_CACHE:
+    if cacheable and key in _MEMORY_CACHE:
       return _MEMORY_CACHE[key]
   path = sources.data_dir(data_cfg) / "tokenized" / f"{data_cfg.name}-{split}-{key}.npz"
-  on_disk = data_cfg.cache_tokenized and sources.is_prepared(builder)
+  on_disk = cacheable and data_cfg.cache_tokenized
   if on_disk and path.exists():
     tok = tokenize.load(path)
   else:
@@ -161,8 +164,9 @@ def tokenized_split(
     raise ValueError(f"{data_cfg.name}[{split}] has no examples.")
   if int(tok.lengths.max()) > data_cfg.buckets[-1]:
     raise ValueError(f"{data_cfg.name}: a row of {tok.lengths.max()} tokens exceeds the buckets.")
-  with _CACHE_LOCK:
-    _MEMORY_CACHE[key] = tok
+  if cacheable:
+    with _CACHE_LOCK:
+      _MEMORY_CACHE[key] = tok
   return tok
 
 
