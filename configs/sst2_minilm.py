@@ -12,6 +12,8 @@ Numbers reached are in README.md.
 from research import config_lib
 from research.data.registry import default_data_config
 
+VARIANTS = ("", "smoke", "tiny", "init=scratch", "smoke,init=scratch")
+
 
 def get_config(arg: str | None = None):
   arg = config_lib.parse_arg(arg, smoke=False, tiny=False, init="pretrained")
@@ -32,12 +34,13 @@ def get_config(arg: str | None = None):
   c.optim.update(lr=1e-4, warmup_fraction=0.06, weight_decay=0.01, schedule="linear")
   if arg.smoke:
     c.train.update(steps=20, batch_size=8, log_every=5, eval_every=20, checkpoint_every=20)
+    c.tasks.sst2.data.update(max_length=64, buckets=(32, 64))  # Two shapes: fewer compiles.
   if arg.tiny:
     c.model.init = "scratch"
     c.model.encoder_overrides = dict(
       num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64
     )
-    c.tasks.sst2.data.manual_dir = "tests/fixtures/data/sst2"
+    c.tasks.sst2.data.update(config_lib.fixture_data("sst2"), max_length=32, buckets=(32,))
     c.train.update(
       steps=20, batch_size=8, log_every=5, eval_every=20, checkpoint_every=10, progress=False
     )

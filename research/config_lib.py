@@ -91,6 +91,21 @@ def task(kind: str, data: ml_collections.ConfigDict, **head: Any) -> ml_collecti
   return ml_collections.ConfigDict(dict(kind=kind, data=data, head=head))
 
 
+def fixture_data(name: str) -> dict[str, Any]:
+  """Data fields that point a data set at its tiny committed copy under tests/fixtures/data.
+
+  Prepared into its own tfds directory so it never shadows the real data set's preparation.
+  """
+  from research.data.locations import repo_root
+
+  root = repo_root()
+  return dict(
+    manual_dir=str(root / "tests" / "fixtures" / "data" / name),
+    data_dir=str(root / ".tfds" / "fixtures"),
+    verify_checksums=False,
+  )
+
+
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Locks the config (no new fields) and returns it."""
   config.lock()

@@ -2,11 +2,16 @@
 
   python -m research.main --config=configs/sst2_minilm.py[:variant] --workdir=DIR \
       [--config.optim.lr=3e-5 ...]
+
+Configs are locked, so a misspelt override (``--config.optim.lrr=1``) stops the run with the
+list of valid keys at that level instead of silently adding a field.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -17,6 +22,41 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumes when it holds a run).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def unknown_override(argv: list[str]) -> str | None:
+  """A message naming the first ``--config.a.b`` override whose key does not exist."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(variant or None)
+  for arg in argv:
+    m = re.match(r"--config\.([\w.]+)(=|$)", arg)
+    if not m:
+      continue
+    node, walked = config, []
+    for key in m.group(1).split("."):
+      if not hasattr(node, "keys") or key not in node:
+        where = ".".join(walked) or "<top level>"
+        valid = sorted(node.keys()) if hasattr(node, "keys") else []
+        return (
+          f"unknown config key {key!r} in --config.{m.group(1)}; valid keys under {where}: {valid}"
+        )
+      node, walked = node[key], [*walked, key]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # config_flags raises AttributeError/KeyError for unknown keys.
+    message = unknown_override(argv[1:]) or f"{type(e).__name__}: {e}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
@@ -37,4 +77,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

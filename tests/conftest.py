@@ -6,6 +6,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiled programs are cached on disk and shared by the subprocess runs of the tests.
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", str(__import__("pathlib").Path(__file__).parents[1] / ".cache/jax")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 from pathlib import Path
 

@@ -50,6 +50,11 @@ def check_compatible(saved: Any, expected: Any, where: str) -> None:
     raise CheckpointMismatchError(f"{where}: checkpoint holds {extra[0]}, absent in this model")
 
 
+def state_handlers() -> dict[str, Any]:
+  """Item handlers of a state checkpoint, so a fresh manager can read its metadata."""
+  return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+
+
 class Checkpoints:
   """The run's checkpoint managers (latest and best)."""
 
@@ -64,17 +69,16 @@ class Checkpoints:
     self.latest = ocp.CheckpointManager(
       root / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      item_handlers=state_handlers(),
     )
     self.best = None
     if best_metric:
       self.best = ocp.CheckpointManager(
         root / "best",
         options=ocp.CheckpointManagerOptions(
-          max_to_keep=1,
-          best_fn=lambda m: m[best_metric],
-          best_mode=best_mode,
-          create=True,
+          max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode=best_mode, create=True
         ),
+        item_handlers={"params": ocp.StandardCheckpointHandler()},
       )
 
   def latest_step(self) -> int | None:
@@ -123,24 +127,31 @@ def restore_state(manager, abstract_state: Any, step: int | None = None) -> tupl
   return abstract_state.replace(**restored["state"]), dict(restored["data"] or {})
 
 
-def load_params(run_dir: str | os.PathLike) -> tuple[Any, str]:
-  """Params from another run: its best checkpoint if any, else its latest. Host numpy arrays.
+def load_params(run_dir: str | os.PathLike, prefer: str = "best") -> tuple[Any, str]:
+  """Params of another run as host numpy arrays, and where they came from.
+
+  Args:
+    run_dir: the run's workdir.
+    prefer: 'best' (its best evaluation, falling back to the latest state) or 'latest'.
 
   Raises:
     FileNotFoundError: no checkpoint under ``run_dir``.
   """
   root = Path(run_dir).absolute()
-  for sub, item in (("best", "params"), ("checkpoints", "state")):
+  order = [("best", "params"), ("checkpoints", "state")]
+  if prefer == "latest":
+    order.reverse()
+  for sub, item in order:
     if not (root / sub).is_dir():
       continue
     manager = ocp.CheckpointManager(
-      root / sub, options=ocp.CheckpointManagerOptions(read_only=True)
+      root / sub,
+      options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={item: ocp.StandardCheckpointHandler()},
     )
-    step = (
-      manager.latest_step()
-      if sub == "checkpoints"
-      else (manager.best_step() or manager.latest_step())
-    )
+    step = manager.latest_step()
+    if sub == "best":
+      step = manager.best_step() or step
     if step is None:
       continue
     meta = manager.item_metadata(step)[item]

@@ -1,0 +1,230 @@
+"""The trainer end to end on a tiny model: freezing, resume after SIGKILL, accumulation, NaN
+guard, config and checkpoint errors, init_from."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from train_util import REPO, make_tiny_minilm_like, max_abs_diff, tiny_config
+
+from research import paths
+from research.train import checkpoints as ckpt_lib
+from research.train.state import build_model, init_fn
+from research.train.trainer import NonFiniteError, train_and_evaluate
+from research.transfer import hf
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+  return make_tiny_minilm_like(tmp_path_factory.mktemp("tiny_hf"))
+
+
+def test_freeze_encoder_keeps_pretrained_bitwise(tiny_hf, tmp_path):
+  config = tiny_config(steps=20, checkpoint_every=20, eval_every=0)
+  config.model.update(checkpoint=str(tiny_hf), init="pretrained", encoder_overrides={})
+  config.optim.update(freeze=("encoder/.*",), lr=1e-2, warmup_fraction=0.0)
+  results = train_and_evaluate(config, str(tmp_path))
+  assert results["params"]["trainable"] == 32 * 2 + 2
+  final, _ = ckpt_lib.load_params(tmp_path, prefer="latest")
+  _, pretrained = hf.load_pretrained(tiny_hf)
+  for path, value in paths.flatten(pretrained).items():
+    np.testing.assert_array_equal(paths.flatten(final)[path], value, err_msg=path)
+  model, _ = build_model(config, {"sst2": 2})
+  initial = init_fn(model)(jax.random.key_data(jax.random.key(config.seed)))
+  assert max_abs_diff(final["heads"], initial["heads"]) > 1e-3
+  # No optimizer moments for frozen leaves: the saved optimizer state has no encoder path.
+  manager = ckpt_lib.Checkpoints(tmp_path).latest
+  opt_paths = list(paths.flatten(manager.item_metadata(20)["state"]["opt_state"]))
+  assert opt_paths and not [p for p in opt_paths if "encoder" in p]
+  assert any("heads/sst2/output/kernel" in p for p in opt_paths)
+  assert "group frozen: 39 leaves" in (tmp_path / "optim_summary.txt").read_text()
+  assert "2 left at init" in (tmp_path / "graft_report.txt").read_text()
+
+
+def test_grad_accum_equals_full_batch():
+  from research import optim
+  from research.train.state import TrainState
+  from research.train.steps import make_train_step
+
+  config = tiny_config()
+  model, _ = build_model(config, {"sst2": 2})
+  rng = jax.random.key_data(jax.random.key(0))
+  params = init_fn(model)(rng)
+  # Plain SGD: Adam's first steps are ~lr*sign(g) and would amplify fp noise in tiny grads.
+  config.optim.update(name="sgd", momentum=0.9, lr=0.5, warmup_fraction=0.0)
+  tx, _ = optim.build(config.optim, params, 10)
+  batch = {
+    "input_ids": np.random.default_rng(0).integers(1000, 2000, (16, 12)).astype(np.int32),
+    "attention_mask": np.ones((16, 12), np.int32),
+    "token_type_ids": np.zeros((16, 12), np.int32),
+    "labels": np.arange(16, dtype=np.int32) % 2,
+    "example_mask": np.ones(16, np.float32),
+  }
+  batch["attention_mask"][::3, 8:] = 0
+  batch["example_mask"][-3:] = 0  # Padded rows weigh nothing, in any micro-batch.
+  out = {}
+  for k in (1, 4):
+    state = TrainState.create(params, tx, rng)
+    step = jax.jit(make_train_step(model, "sst2", "classification", grad_accum=k))
+    for _ in range(3):
+      state, metrics = step(state, batch)
+    out[k] = (state.params, float(metrics["loss"]))
+  assert max_abs_diff(out[1][0], out[4][0]) < 1e-6
+  np.testing.assert_allclose(out[1][1], out[4][1], rtol=1e-6)
+
+
+def test_nan_batch_is_skipped_and_training_continues(tmp_path):
+  config = tiny_config(steps=12, log_every=4, checkpoint_every=0, eval_every=12)
+
+  def inject(step, batch):
+    if step == 5:
+      batch = dict(batch, example_mask=np.full_like(batch["example_mask"], np.nan))
+    return batch
+
+  results = train_and_evaluate(config, str(tmp_path), batch_hook=inject)
+  records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in records if r["split"] == "train"]
+  assert [r["nonfinite_total"] for r in train] == [0, 1, 1]
+  assert all(np.isfinite(r["loss"]) for r in train)
+  assert results["steps"] == 12 and "accuracy" in results["eval"]["sst2"]
+
+
+def test_nan_streak_stops_with_clear_message(tmp_path):
+  config = tiny_config(
+    steps=30, log_every=5, checkpoint_every=5, eval_every=0, nonfinite_patience=3
+  )
+
+  def inject(step, batch):
+    if step >= 7:
+      batch = dict(batch, example_mask=np.full_like(batch["example_mask"], np.nan))
+    return batch
+
+  with pytest.raises(
+    NonFiniteError,
+    match=r"3 non-finite steps in a row.*last good checkpoint "
+    r"is 5",
+  ):
+    train_and_evaluate(config, str(tmp_path), batch_hook=inject)
+  final, where = ckpt_lib.load_params(tmp_path, prefer="latest")
+  assert where.endswith("checkpoints/5")
+  assert all(np.isfinite(x).all() for x in paths.flatten(final).values())
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+  import json, sys, time
+  sys.path.insert(0, {tests!r})
+  from train_util import batch_digest, tiny_config
+  from research.train.trainer import train_and_evaluate
+  workdir, record, stall_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+  def hook(step, batch):
+    with open(record, "a") as f:
+      f.write(json.dumps([step, batch_digest(batch)]) + "\\n")
+    if step == stall_at:
+      time.sleep(600)  # The test kills us here, after checkpoint 10 is on disk.
+    return batch
+  config = tiny_config(steps=20, checkpoint_every=10, eval_every=0, log_every=5)
+  config.model.dropout = 0.1  # Dropout on: the RNG must resume too.
+  config.tasks.sst2.head.dropout = 0.1
+  train_and_evaluate(config, workdir, batch_hook=hook)
+""")
+
+
+def _run(script, *args, wait=True):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  proc = subprocess.Popen(
+    [sys.executable, "-c", script, *map(str, args)],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  if wait:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+  return proc
+
+
+def _records(path):
+  seen = {}
+  for line in path.read_text().splitlines():
+    step, digest = json.loads(line)
+    seen[step] = digest  # A resumed run re-reads what the killed one had prefetched.
+  return seen
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+  script = RESUME_SCRIPT.format(tests=str(REPO / "tests"))
+  _run(script, tmp_path / "full", tmp_path / "full.jsonl", -1)
+  killed = _run(script, tmp_path / "resumed", tmp_path / "killed.jsonl", 12, wait=False)
+  deadline = time.time() + 300
+  while not (tmp_path / "resumed" / "checkpoints" / "10").is_dir():
+    assert killed.poll() is None, killed.stdout.read()[-3000:]
+    assert time.time() < deadline, "no checkpoint 10 within 300 s"
+    time.sleep(0.2)
+  time.sleep(1.0)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert not (tmp_path / "resumed" / "checkpoints" / "20").exists()
+  _run(script, tmp_path / "resumed", tmp_path / "resumed.jsonl", -1)
+  full, _ = ckpt_lib.load_params(tmp_path / "full", prefer="latest")
+  resumed, _ = ckpt_lib.load_params(tmp_path / "resumed", prefer="latest")
+  assert max_abs_diff(full, resumed) <= 1e-6
+  seen_full, seen_resumed = _records(tmp_path / "full.jsonl"), _records(tmp_path / "resumed.jsonl")
+  assert min(seen_resumed) == 10  # Resumed at step 10 (0-based batch index)...
+  for step in range(10, 20):  # ...and saw the very batches the uninterrupted run saw.
+    assert seen_resumed[step] == seen_full[step], step
+  assert {s: d for s, d in _records(tmp_path / "killed.jsonl").items() if s < 10} == {
+    s: seen_full[s] for s in range(10)
+  }
+
+
+def test_misspelt_override_names_valid_keys(tmp_path):
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "research.main",
+      "--config=configs/sst2_minilm.py:tiny",
+      f"--workdir={tmp_path}",
+      "--config.optim.lrr=1",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode != 0
+  assert "lrr" in out.stderr and "'lr'" in out.stderr and "warmup_steps" in out.stderr
+
+
+def test_workdir_of_another_model_fails_naming_path(tmp_path):
+  train_and_evaluate(tiny_config(steps=2, checkpoint_every=2, eval_every=0), str(tmp_path))
+  other = tiny_config(steps=4, checkpoint_every=2, eval_every=0)
+  other.model.encoder_overrides = dict(
+    num_layers=2, hidden_size=48, num_heads=4, intermediate_size=64
+  )
+  with pytest.raises(
+    ckpt_lib.CheckpointMismatchError,
+    match=r"encoder/embeddings/layer_norm/bias has shape \(32,\) in the "
+    r"checkpoint but \(48,\) in this model",
+  ):
+    train_and_evaluate(other, str(tmp_path))
+
+
+def test_init_from_previous_run_grafts_its_params(tmp_path):
+  first = tiny_config(steps=4, checkpoint_every=4, eval_every=4)
+  train_and_evaluate(first, str(tmp_path / "a"))
+  second = tiny_config(steps=1, checkpoint_every=0, eval_every=0)
+  second.init_from = str(tmp_path / "a")
+  second.optim.freeze = ("encoder/.*",)
+  train_and_evaluate(second, str(tmp_path / "b"))
+  report = (tmp_path / "b" / "graft_report.txt").read_text()
+  assert "41 leaves" not in report and "39 transferred" in report
+  assert "unused in source       " not in report or "heads/sst2" in report
