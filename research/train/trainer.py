@@ -225,6 +225,7 @@ def train_and_evaluate(
   last_eval: dict[str, dict] = {}
   train_time, trained_examples, t_log = 0.0, 0.0, None
   patience = tcfg.get("nonfinite_patience", 5)
+  schedule = optim.lr_schedule(config.optim, tcfg.steps)
   for step in range(start_step, tcfg.steps):
     state, metrics = train_step(state, next(batches))
     pending.append(metrics)
@@ -240,16 +241,17 @@ def train_and_evaluate(
       record = {
         "loss": float(np.mean(losses)) if losses else float("nan"),
         "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
-        "lr": float(optim.lr_schedule(config.optim, tcfg.steps)(done - 1)),
+        "lr": float(schedule(done - 1)),
         "nonfinite_total": int(host[-1]["nonfinite_total"]),
       }
-      skipped = [start_step + 1 + i for i, m in enumerate(host) if not np.isfinite(m["loss"])]
+      first = done - len(host) + 1
+      skipped = [first + i for i, m in enumerate(host) if m["nonfinite_streak"]]
       writer.write(done, "train", record)
       writer.advance(len(host), loss=record["loss"])
-      if int(host[-1]["nonfinite_total"]) and any(m["nonfinite_streak"] for m in host):
+      if skipped:
         writer.print(
-          f"step {done}: skipped {sum(1 for m in host if m['nonfinite_streak'])} "
-          f"non-finite step(s); {record['nonfinite_total']} in total"
+          f"step {done}: skipped non-finite step(s) {skipped[:10]}; "
+          f"{record['nonfinite_total']} in total"
         )
       if max(int(m["nonfinite_streak"]) for m in host) >= patience:
         ckpts.wait()
