@@ -13,9 +13,9 @@ from types import ModuleType
 
 def get(kind: str) -> ModuleType:
   """The task module for a head kind ('classification', 'tagging', 'regression', ...)."""
-  from research.tasks import classification
+  from research.tasks import classification, regression
 
-  modules = {"classification": classification}
+  modules = {"classification": classification, "regression": regression}
   try:
     from research.tasks import tagging
 
