@@ -37,7 +37,11 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
   return float(np.mean(scores)) if scores else 0.0
 
 
-def metrics(predictions: dict[str, np.ndarray], gold: dict[str, np.ndarray]) -> dict[str, float]:
+def metrics(
+  predictions: dict[str, np.ndarray],
+  gold: dict[str, np.ndarray],
+  label_names: list[str] | None = None,
+) -> dict[str, float]:
   """Accuracy and macro-F1 over the rows whose ``example_mask`` is set."""
   keep = gold["example_mask"] > 0
   pred, labels = predictions["label"][keep], gold["labels"][keep]

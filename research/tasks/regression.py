@@ -30,7 +30,11 @@ def _ranks(x: np.ndarray) -> np.ndarray:
   return sums[inverse] / counts[inverse]
 
 
-def metrics(predictions: dict[str, np.ndarray], gold: dict[str, np.ndarray]) -> dict[str, float]:
+def metrics(
+  predictions: dict[str, np.ndarray],
+  gold: dict[str, np.ndarray],
+  label_names: list[str] | None = None,
+) -> dict[str, float]:
   keep = gold["example_mask"] > 0
   pred = predictions["value"][keep].astype(np.float64)
   true = gold["labels"][keep].astype(np.float64)

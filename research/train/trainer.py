@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from research import optim
+from research import optim, paths
 from research import tasks as task_lib
 from research.train import checkpoints as ckpt_lib
 from research.train import parallel
@@ -264,13 +264,13 @@ def train_and_evaluate(
     if tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.steps):
       t_eval = time.time()
       last_eval[task] = evaluator(state.params)
-      writer.write(done, "eval", {f"{k}": v for k, v in last_eval[task].items()})
+      scalars = paths.flatten(last_eval[task])  # Nested breakdowns become "per_type/PER/f1".
+      writer.write(done, "eval", {"task": task, **scalars})
       writer.print(
         f"step {done}: eval {task} "
         + " ".join(f"{k}={v:.4f}" for k, v in last_eval[task].items() if isinstance(v, float))
       )
-      flat = {f"{task}/{k}": float(v) for k, v in last_eval[task].items()}
-      ckpts.save_best(done, state.params, flat)
+      ckpts.save_best(done, state.params, {f"{task}/{k}": float(v) for k, v in scalars.items()})
       if t_log is not None:
         t_log += time.time() - t_eval  # Evaluation time is not training time.
     if tcfg.checkpoint_every and (done % tcfg.checkpoint_every == 0 or done == tcfg.steps):
@@ -307,6 +307,9 @@ class Evaluator:
   def __init__(self, task, kind, task_cfg, config, put, eval_step):
     self.task, self.module, self.put, self.eval_step = task, task_lib.get(kind), put, eval_step
     self.task_cfg, self.config = task_cfg, config
+    from research.data import input_pipeline
+
+    self.label_names = input_pipeline.label_names(task_cfg.data)
     self._batches: list[dict] | None = None
 
   def batches(self) -> list[dict]:
@@ -334,6 +337,6 @@ class Evaluator:
       golds.append(g)
       total, weight = total + float(t), weight + float(w)
     cat = lambda xs: {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
-    out = self.module.metrics(cat(preds), cat(golds))
+    out = self.module.metrics(cat(preds), cat(golds), self.label_names)
     out["loss"] = total / max(weight, 1.0)
     return out
