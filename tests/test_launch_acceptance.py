@@ -133,6 +133,7 @@ def test_sweep_smoke_4x2_local_kill_resume_report(tmp_path):
 
   rep = _run(["launch.report", str(exp)])
   assert rep.returncode == 0, rep.stderr
+  print(rep.stdout)  # the table, for `pytest -s`
   rows = [line for line in rep.stdout.splitlines() if line.startswith("| init=")]
   assert len(rows) == 4 and all("| 2 |" in r and " ± " in r for r in rows), rep.stdout
   assert (exp / "report.csv").is_file() and list((exp / "plots").glob("*.png"))
