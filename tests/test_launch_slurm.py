@@ -300,9 +300,11 @@ def _trainer_available() -> str | None:
   return None
 
 
-@pytest.mark.slow
 def test_slurm_real_smoke_sweep(slurm_cluster, tmp_path):
-  """Acceptance: a 2-point sweep of sst2_minilm.py:smoke runs to completion through sbatch."""
+  """Acceptance: a 2-point sweep of sst2_minilm.py:smoke runs to completion through sbatch.
+
+  In the default suite: about 110 s on 2 shared cores (both points run at once).
+  """
   reason = _trainer_available()
   if reason:
     pytest.skip(reason)
