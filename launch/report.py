@@ -29,6 +29,8 @@ from launch import sweep
 
 # Top-level numbers of results.json shown after the eval metrics.
 EXTRA_KEYS = ("train_examples_per_sec", "wall_s")
+# Eval entries that count things rather than measure them: tabled, not plotted.
+COUNT_NAMES = ("examples", "count", "num_examples")
 
 
 @dataclasses.dataclass
@@ -210,7 +212,7 @@ def plot(rows: Sequence[Row], names: Sequence[str], out: Path) -> list[Path]:
   files = []
   for exp in dict.fromkeys(r.experiment for r in rows):
     exp_rows = [r for r in rows if r.experiment == exp]
-    for k in (n for n in names if n not in EXTRA_KEYS):
+    for k in (n for n in names if n not in EXTRA_KEYS and n.split("/")[-1] not in COUNT_NAMES):
       rs = [r for r in exp_rows if k in r.stats]
       if not rs:
         continue
