@@ -39,13 +39,5 @@ def get_config(arg: str | None = None):
     c.train.update(steps=20, batch_size=8, log_every=5, eval_every=20, checkpoint_every=20)
     c.tasks.conll03.data.update(max_length=64, buckets=(64,))
   if arg.tiny:
-    c.model.init = "scratch"
-    c.model.encoder_overrides = dict(
-      num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64
-    )
-    c.tasks.conll03.data.update(config_lib.fixture_data("conll2003"), max_length=32, buckets=(32,))
-    c.train.update(
-      steps=10, batch_size=8, log_every=5, eval_every=10, checkpoint_every=10, progress=False
-    )
-    c.eval.batch_size = 8
+    config_lib.make_tiny(c, "conll03", fixture="conll2003", steps=10)
   return config_lib.lock(c)

@@ -36,15 +36,7 @@ def get_config(arg: str | None = None):
     c.train.update(steps=20, batch_size=8, log_every=5, eval_every=20, checkpoint_every=20)
     c.tasks.sst2.data.update(max_length=64, buckets=(32, 64))  # Two shapes: fewer compiles.
   if arg.tiny:
-    c.model.init = "scratch"
-    c.model.encoder_overrides = dict(
-      num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64
-    )
-    c.tasks.sst2.data.update(config_lib.fixture_data("sst2"), max_length=32, buckets=(32,))
-    c.train.update(
-      steps=20, batch_size=8, log_every=5, eval_every=20, checkpoint_every=10, progress=False
-    )
-    c.eval.batch_size = 8
+    config_lib.make_tiny(c, "sst2", fixture="sst2", steps=20)
   return config_lib.lock(c)
 
 

@@ -106,6 +106,26 @@ def fixture_data(name: str) -> dict[str, Any]:
   )
 
 
+TINY_ENCODER = dict(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64)
+
+
+def make_tiny(config: ml_collections.ConfigDict, task: str, fixture: str, steps: int) -> None:
+  """Turns ``config`` into its ``tiny`` variant: a random 2-layer encoder trained on the
+  committed fixture of ``task``, the whole real trainer in seconds on CPU (for tests)."""
+  config.model.init = "scratch"
+  config.model.encoder_overrides = TINY_ENCODER
+  config.tasks[task].data.update(fixture_data(fixture), max_length=32, buckets=(32,))
+  config.train.update(
+    steps=steps,
+    batch_size=8,
+    log_every=5,
+    eval_every=steps,
+    checkpoint_every=10,
+    progress=False,
+  )
+  config.eval.batch_size = 8
+
+
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Locks the config (no new fields) and returns it."""
   config.lock()
