@@ -2,6 +2,7 @@
 
   python -m research.main --config=configs/sst2_minilm.py[:variant] --workdir=DIR \
       [--config.optim.lr=3e-5 ...]
+  python -m research.main --mode=predict --workdir=DIR --input=FILE [--output=FILE]
 
 Configs are locked, so a misspelt override (``--config.optim.lrr=1``) stops the run with the
 list of valid keys at that level instead of silently adding a field.
@@ -21,7 +22,23 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file[:variant].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumes when it holds a run).")
-flags.mark_flags_as_required(["config", "workdir"])
+_MODE = flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "predict"],
+  "Train (and evaluate), or predict with a trained run's best params.",
+)
+_INPUT = flags.DEFINE_string("input", None, "predict: a text file, one input per line.")
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "predict: output JSONL (default: WORKDIR/predictions/<input>.jsonl)."
+)
+_TASK = flags.DEFINE_string("task", None, "predict: which task head (multi-task runs).")
+flags.mark_flags_as_required(["workdir"])
+flags.register_multi_flags_validator(
+  ["mode", "config", "input"],
+  lambda f: f["input"] is not None if f["mode"] == "predict" else f["config"] is not None,
+  message="--mode=train needs --config; --mode=predict needs --input",
+)
 
 
 def unknown_override(argv: list[str]) -> str | None:
@@ -64,6 +81,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO.
+  if _MODE.value == "predict":
+    from research.predict import predict_file
+
+    out = predict_file(_WORKDIR.value, _INPUT.value, _OUTPUT.value, task=_TASK.value)
+    print(f"wrote {out}", file=sys.stderr)
+    return
   config = _CONFIG.value
   from research.train import parallel
 

@@ -125,6 +125,8 @@ def train_and_evaluate(
   kind = task_cfg.kind
   tcfg = config.train
   labels = input_pipeline.label_names(task_cfg.data)
+  if is_main:  # Predict mode reads the label names from here, without the data set.
+    (workdir / "labels.json").write_text(json.dumps({task: labels}, indent=2) + "\n")
   model, _ = build_model(config, {task: len(labels)})
   mesh = parallel.make_mesh(config.get("parallel"))
   parallel.check_batch_size(tcfg.batch_size, mesh)
