@@ -1,0 +1,67 @@
+"""Predict mode: a trained run labels a text file line by line, as eval mode does."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from train_util import REPO, tiny_config
+
+from research.data import input_pipeline
+from research.predict import predict_file
+from research.train import checkpoints as ckpt_lib
+from research.train.state import build_model
+from research.train.steps import apply_model
+from research.train.trainer import _tokenizer, train_and_evaluate
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  config = tiny_config(steps=10, checkpoint_every=10, eval_every=10)
+  train_and_evaluate(config, str(workdir))
+  return config, workdir
+
+
+def test_predict_matches_eval_mode_on_1000_lines(tiny_run, tmp_path):
+  config, workdir = tiny_run
+  dev = (REPO / "tests/fixtures/data/sst2/dev.tsv").read_text().splitlines()[1:]
+  sentences = [line.split("\t")[0].strip() for line in dev]
+  lines = [sentences[i % len(sentences)] for i in range(1000)]
+  (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+  out = predict_file(workdir, tmp_path / "in.txt", tmp_path / "out.jsonl")
+  records = [json.loads(x) for x in out.read_text().splitlines()]
+  assert len(records) == 1000 and [r["line"] for r in records] == list(range(1, 1001))
+  # Eval mode over the dev split (same sentences, in order): the same labels and probabilities.
+  data = config.tasks.sst2.data
+  it = input_pipeline.build_iterator(
+    data, _tokenizer(config), "validation", batch_size=8, train=False
+  )
+  model, _ = build_model(config, {"sst2": 2})
+  params, _ = ckpt_lib.load_params(workdir, prefer="best")
+  probs = []
+  for batch in it:
+    logits = apply_model(model, params, batch, "sst2")
+    probs.extend(np.asarray(jax.nn.softmax(logits))[batch["example_mask"] > 0])
+  names = json.loads((workdir / "labels.json").read_text())["sst2"]
+  for i, record in enumerate(records[: len(sentences)]):
+    expected = probs[i]
+    got = np.array([record["probs"][n] for n in names])
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    assert record["label"] == names[int(np.argmax(expected))]
+  assert records[len(sentences)]["probs"] == records[0]["probs"]  # Same text, same output.
+
+
+def test_predict_keeps_going_past_bad_lines(tiny_run, tmp_path, caplog):
+  _, workdir = tiny_run
+  long_line = " ".join(["wonderful"] * 500)
+  (tmp_path / "in.txt").write_bytes(
+    b"a charming film\n\n\xff\xfe broken bytes\n" + long_line.encode() + b"\ntedious\n"
+  )
+  out = predict_file(workdir, tmp_path / "in.txt")
+  records = [json.loads(x) for x in out.read_text().splitlines()]
+  assert len(records) == 5
+  assert records[1] == {"line": 2, "text": "", "error": "empty line"}
+  assert "not UTF-8 at byte 0" in records[2]["warning"] and "label" in records[2]
+  assert "label" in records[3] and "label" in records[4]
+  assert "1 line(s) longer than max_length=32 tokens were truncated" in caplog.text
