@@ -65,3 +65,15 @@ def test_predict_keeps_going_past_bad_lines(tiny_run, tmp_path, caplog):
   assert "not UTF-8 at byte 0" in records[2]["warning"] and "label" in records[2]
   assert "label" in records[3] and "label" in records[4]
   assert "1 line(s) longer than max_length=32 tokens were truncated" in caplog.text
+
+
+def test_crossdomain_evaluates_the_trained_model_unchanged(tiny_run, tmp_path):
+  from train_util import load_config_module
+
+  _, workdir = tiny_run
+  config = load_config_module("sst2_crossdomain").get_config("tiny")
+  config.init_from = str(workdir)
+  results = train_and_evaluate(config, str(tmp_path))
+  assert results["steps"] == 0 and results["eval"]["sst2"]["examples"] == 6
+  report = (tmp_path / "graft_report.txt").read_text()
+  assert "41 transferred, 0 left at init, 0 unused" in report

@@ -191,22 +191,23 @@ def train_and_evaluate(
   counts = optim.count_params(abstract_params, labels_tree)
 
   # --- Data and steps. --------------------------------------------------------------------
-  splits = task_cfg.data.splits
-  train_it = input_pipeline.build_iterator(
-    task_cfg.data,
-    _tokenizer(config),
-    splits.train,
-    batch_size=tcfg.batch_size,
-    train=True,
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  if data_state:
-    train_it.set_state(data_state)
   bsharding = parallel.batch_sharding(mesh)
   put = lambda b: parallel.global_batch(b, bsharding)
-  batches = Prefetcher(train_it, put, hook=batch_hook, start_step=start_step)
+  batches = None
+  if start_step < tcfg.steps:  # An evaluation-only run (steps=0) reads no training data.
+    train_it = input_pipeline.build_iterator(
+      task_cfg.data,
+      _tokenizer(config),
+      task_cfg.data.splits.train,
+      batch_size=tcfg.batch_size,
+      train=True,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    if data_state:
+      train_it.set_state(data_state)
+    batches = Prefetcher(train_it, put, hook=batch_hook, start_step=start_step)
   replicated = parallel.replicated(mesh)
   train_step = parallel.compile_train_step(
     lambda axis: make_train_step(model, task, kind, tcfg.grad_accum, axis),
@@ -280,7 +281,7 @@ def train_and_evaluate(
   ckpts.wait()
   ckpts.close()
   writer.close()
-  if not last_eval and tcfg.eval_every:
+  if not last_eval and (tcfg.eval_every or tcfg.steps == 0):  # steps=0: evaluate only.
     last_eval[task] = evaluator(state.params)
   results = {
     "config": config.get("experiment", ""),
