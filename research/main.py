@@ -91,7 +91,10 @@ def main(argv: list[str]) -> None:
   from research.train import parallel
 
   parallel.maybe_initialize_distributed(config.get("parallel"))
-  from research.train.trainer import train_and_evaluate
+  if config.get("trainer") == "meta":  # Meta-learning runs have their own small trainer.
+    from research.meta.trainer import train_and_evaluate
+  else:
+    from research.train.trainer import train_and_evaluate
 
   results = train_and_evaluate(config, _WORKDIR.value)
   for task, metrics in results["eval"].items():

@@ -1,0 +1,92 @@
+"""The jitted meta-step and the episode evaluation step, over a batch of episodes.
+
+``meta_step(state, batch) -> (state, metrics)`` has the signature of the ordinary train step
+(research.train.steps), so :func:`research.train.parallel.compile_train_step` compiles it the
+same way: jit over the mesh, the episode axis of the batch split over devices, the state
+donated. The per-episode objective is ``vmap``-ped over the episodes and averaged; the outer
+optimizer is the run's optax chain (same freeze masks as fine-tuning). A step whose loss or
+meta-gradient is not finite is skipped, as in ordinary training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from research.meta.algorithms import MetaLearner
+from research.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def meta_gradient(learner: MetaLearner, params: Any, batch: Batch) -> tuple[Any, dict]:
+  """The mean over the batch's episodes of the algorithm's outer gradient, and its metrics.
+
+  MAML/FOMAML/ANIL/ProtoNet differentiate the mean query loss (one gradient tree, not one per
+  episode); Reptile averages ``params - adapted`` over the episodes.
+  """
+  if learner.s.algorithm == "reptile":
+    directions, aux = jax.vmap(learner.reptile_direction, in_axes=(None, 0))(params, batch)
+    mean = lambda t: jax.tree.map(lambda x: jnp.mean(x, 0), t)
+    return mean(directions), mean(aux)
+
+  def objective(p):
+    losses, aux = jax.vmap(learner.query_loss, in_axes=(None, 0))(p, batch)
+    return jnp.mean(losses), jax.tree.map(lambda x: jnp.mean(x, 0), aux)
+
+  (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  return grads, aux
+
+
+def make_meta_step(
+  learner: MetaLearner, axis_name: str | None = None
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """The outer step: meta-gradient over the episode batch, then the outer optimizer.
+
+  Args:
+    learner: the algorithm on its model.
+    axis_name: per-device modes only; gradients and metrics are ``pmean``-ed over it.
+  """
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    grads, aux = meta_gradient(learner, state.params, batch)
+    if axis_name is not None:
+      grads, aux = jax.lax.pmean((grads, aux), axis_name)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_streak=streak,
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    episodes = batch["support_labels"].shape[0]
+    metrics = {
+      **aux,
+      "loss": jnp.where(finite, aux["loss"], jnp.nan),
+      "grad_norm": grad_norm,
+      "examples": jnp.asarray(episodes, jnp.float32),
+      "nonfinite_streak": streak,
+      "nonfinite_total": new_state.nonfinite_total,
+    }
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(learner: MetaLearner) -> Callable[[Any, Batch], jax.Array]:
+  """``eval_step(params, batch) -> [E]`` query accuracy of each episode after adaptation."""
+
+  def step(params: Any, batch: Batch) -> jax.Array:
+    return jax.vmap(learner.evaluate, in_axes=(None, 0))(params, batch)
+
+  return step
