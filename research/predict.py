@@ -8,7 +8,8 @@ latest checkpoint). Classification lines get ``label`` and ``probs``; tagging li
 on whitespace into words and get per-word ``tags`` and entity ``spans``. Bad lines never cost
 the others their output: an empty line gets ``"error": "empty line"``, bytes that are not UTF-8
 are replaced (with a warning naming the line), and lines longer than the model's maximum are
-truncated, with one warning that counts them.
+truncated, with one warning that counts them. Seq2seq runs translate each line (decoding
+settings from the run's config) and write ``translation``.
 """
 
 from __future__ import annotations
@@ -86,7 +87,17 @@ def predict_file(
   lines = list(read_lines(input_path))
   keep = [i for i, (_, text, _) in enumerate(lines) if text.strip()]
   max_length = task_cfg.data.max_length
-  if task_cfg.kind == "tagging":
+  results: dict[int, dict] = {}
+  tok = None
+  if task_cfg.kind == "seq2seq":  # Translation with the run's decode settings.
+    from research.tasks import seq2seq
+
+    texts = [lines[i][1] for i in keep]
+    out, truncated = seq2seq.translate_lines(
+      model, params, task, task_cfg, tokenizer, texts, batch_size
+    )
+    results = {keep[j]: {"translation": t} for j, t in enumerate(out)}
+  elif task_cfg.kind == "tagging":
     words = [lines[i][1].split() for i in keep]
     tok = tokenize.tagging(tokenizer, words, [[0] * len(w) for w in words], max_length)
     truncated = tok.stats["truncated"]
@@ -102,10 +113,9 @@ def predict_file(
       truncated,
       max_length,
     )
-  step = jax.jit(lambda p, b: module.predict(apply_model(model, p, b, task)))
-  results: dict[int, dict] = {}
+  step = jax.jit(lambda p, b: module.predict(apply_model(model, p, b, task), b))
   buckets = tuple(task_cfg.data.buckets)
-  for rows in batching.eval_plan(len(keep), batch_size) if keep else []:
+  for rows in batching.eval_plan(len(keep), batch_size) if keep and tok is not None else []:
     batch = batching.assemble(tok, rows, fill=0, length=batching.padded_length(tok, rows, buckets))
     out = jax.device_get(step(params, batch))
     for r, i in enumerate(rows):

@@ -31,18 +31,23 @@ class HeadConfig:
     pooling: sequence summary for classification/regression: the encoder's tanh 'pooler',
       the 'cls' token's hidden state, or the 'mean' over non-padded tokens.
     dropout: dropout before the output layer.
+    crf: tagging only: a linear-chain CRF over word positions (research.tasks.crf); the head
+      then returns its emissions together with the transition scores.
   """
 
   kind: str = "classification"
   num_labels: int = 2
   pooling: str = "pooler"
   dropout: float = 0.1
+  crf: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"head kind {self.kind!r} is not one of {KINDS}")
     if self.pooling not in POOLINGS:
       raise ValueError(f"head pooling {self.pooling!r} is not one of {POOLINGS}")
+    if self.crf and self.kind != "tagging":
+      raise ValueError(f"head crf=True needs kind='tagging', not {self.kind!r}")
     if self.num_labels < 1:
       raise ValueError(f"head num_labels must be >= 1, got {self.num_labels}")
 
@@ -70,7 +75,7 @@ class Head(nn.Module):
   @nn.compact
   def __call__(
     self, features: dict[str, Array | None], mask: Array, deterministic: bool = True
-  ) -> Array:
+  ) -> Array | dict[str, Array]:
     cfg = self.config
     if cfg.kind == "tagging":
       x = features["hidden_states"]
@@ -85,4 +90,15 @@ class Head(nn.Module):
       param_dtype=self.param_dtype,
       name="output",
     )(x).astype(jnp.float32)
-    return logits[..., 0] if cfg.kind == "regression" else logits
+    if cfg.kind == "regression":
+      return logits[..., 0]
+    if cfg.crf:
+      k = cfg.num_labels
+      zeros = nn.initializers.zeros
+      return {
+        "emissions": logits,
+        "transitions": self.param("crf_transitions", zeros, (k, k), jnp.float32),
+        "start": self.param("crf_start", zeros, (k,), jnp.float32),
+        "end": self.param("crf_end", zeros, (k,), jnp.float32),
+      }
+    return logits

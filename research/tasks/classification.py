@@ -18,7 +18,7 @@ def loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax
   return jnp.sum(ce * weights), jnp.sum(weights)
 
 
-def predict(logits: jax.Array) -> dict[str, jax.Array]:
+def predict(logits: jax.Array, batch: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
   """Arg-max label and its probability, per example."""
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   return {"label": jnp.argmax(logits, axis=-1), "prob": probs}

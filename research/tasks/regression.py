@@ -16,7 +16,7 @@ def loss(outputs: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, ja
   return jnp.sum(err * weights), jnp.sum(weights)
 
 
-def predict(outputs: jax.Array) -> dict[str, jax.Array]:
+def predict(outputs: jax.Array, batch: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
   return {"value": outputs.astype(jnp.float32)}
 
 

@@ -17,24 +17,47 @@ import numpy as np
 import optax
 
 from research.data.tags import split_tag
+from research.tasks import crf
 
 IGNORE = -100
 METRICS = ("f1", "precision", "recall", "accuracy")
 
 
-def loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """Summed cross-entropy over labelled tokens of real examples, and their count."""
+def loss(outputs, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Summed loss over labelled tokens of real examples, and their count.
+
+  Softmax heads: token cross-entropy. CRF heads (``outputs`` is a dict): the negative
+  log-likelihood of each sentence's tag path, normalised by the same token count.
+  """
   labels = batch["labels"]
-  weights = (labels != IGNORE).astype(jnp.float32) * batch["example_mask"][:, None]
+  keep = labels != IGNORE
+  weights = keep.astype(jnp.float32) * batch["example_mask"][:, None]
+  if isinstance(outputs, dict):
+    em, mask, order = crf.compact(outputs["emissions"], keep)
+    tags = jnp.take_along_axis(labels, order, axis=1)
+    ll = crf.log_likelihood(
+      em, tags, mask, outputs["transitions"], outputs["start"], outputs["end"]
+    )
+    return -jnp.sum(ll * batch["example_mask"]), jnp.sum(weights)
   ce = optax.softmax_cross_entropy_with_integer_labels(
-    logits.astype(jnp.float32), jnp.maximum(labels, 0)
+    outputs.astype(jnp.float32), jnp.maximum(labels, 0)
   )
   return jnp.sum(ce * weights), jnp.sum(weights)
 
 
-def predict(logits: jax.Array) -> dict[str, jax.Array]:
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  return {"label": jnp.argmax(logits, axis=-1), "prob": jnp.max(probs, axis=-1)}
+def predict(outputs, batch: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+  """Tag ids per token; CRF heads decode with Viterbi over the first sub-tokens of words
+  (the positions whose label is not ignored, which predict batches mark too)."""
+  if isinstance(outputs, dict):
+    if batch is None:
+      raise ValueError("CRF decoding needs the batch (its labels mark word positions)")
+    em, mask, order = crf.compact(outputs["emissions"], batch["labels"] != IGNORE)
+    path = crf.viterbi(em, mask, outputs["transitions"], outputs["start"], outputs["end"])
+    rows = jnp.arange(path.shape[0])[:, None]
+    label = jnp.zeros(batch["labels"].shape, jnp.int32).at[rows, order].set(path)
+    return {"label": label, "prob": jnp.ones(label.shape, jnp.float32)}
+  probs = jax.nn.softmax(outputs.astype(jnp.float32), axis=-1)
+  return {"label": jnp.argmax(outputs, axis=-1), "prob": jnp.max(probs, axis=-1)}
 
 
 def _ends(prev: str, tag: str, prev_type: str, kind: str) -> bool:

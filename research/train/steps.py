@@ -9,6 +9,7 @@ keep their old values and the non-finite counters go up.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 def apply_model(model: TaskModel, params, batch: Batch, task: str, rng=None) -> jax.Array:
   """Logits of one task head; dropout is on exactly when ``rng`` is given."""
   rngs = None if rng is None else {"dropout": rng}
+  # Encoder-decoder models name the extra (decoder) inputs they take from the batch.
+  extra = {k: batch.get(k) for k in getattr(model, "DECODER_INPUTS", ())}
   out = model.apply(
     {"params": params},
     batch["input_ids"],
@@ -35,12 +38,18 @@ def apply_model(model: TaskModel, params, batch: Batch, task: str, rng=None) -> 
     tasks=(task,),
     deterministic=rng is None,
     rngs=rngs,
+    **extra,
   )
   return out[task]
 
 
 def make_train_step(
-  model: TaskModel, task: str, kind: str, grad_accum: int = 1, axis_name: str | None = None
+  model: TaskModel,
+  task: str,
+  kind: str,
+  grad_accum: int = 1,
+  axis_name: str | None = None,
+  loss_options: dict[str, Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """The train step for one task.
 
@@ -51,8 +60,10 @@ def make_train_step(
     grad_accum: micro-batches per step; the batch's leading dim must divide by it.
     axis_name: set when the step runs per device (pmap / shard_map): summed losses, weights
       and gradients are ``psum``-ed over it, so the result equals the global-batch step.
+    loss_options: keyword arguments of the task's training loss (e.g. seq2seq
+      ``label_smoothing``); evaluation uses the loss's defaults.
   """
-  loss_fn = task_lib.get(kind).loss
+  loss_fn = functools.partial(task_lib.get(kind).loss, **dict(loss_options or {}))
 
   def summed_loss(params, micro: Batch, rng) -> tuple[jax.Array, jax.Array]:
     logits = apply_model(model, params, micro, task, rng)
@@ -119,6 +130,6 @@ def make_eval_step(model: TaskModel, task: str, kind: str) -> Callable[[Any, Bat
     logits = apply_model(model, params, batch, task)
     total, weight = module.loss(logits, batch)
     gold = {k: batch[k] for k in ("labels", "example_mask")}
-    return module.predict(logits), gold, total, weight
+    return module.predict(logits, batch), gold, total, weight
 
   return step

@@ -1,0 +1,211 @@
+"""Sequence-to-sequence (translation): teacher-forced cross-entropy, decoding and sacreBLEU.
+
+The task contract of research.tasks, plus one hook:
+
+- ``loss(logits, batch, label_smoothing=0.0)``: token cross-entropy against ``labels``
+  (``-100`` ignored) with label smoothing (uniform over the vocabulary), summed, and the token
+  count. Training passes ``tasks.<name>.loss.label_smoothing``; evaluation keeps 0, so the
+  eval ``loss`` is the plain per-token NLL (perplexity = exp(loss)).
+- ``predict`` / ``metrics``: teacher-forced next-token accuracy (cheap, every eval).
+- ``make_evaluate(model, task, task_cfg, tokenizer)``: the trainer's Evaluator calls the
+  returned function on the eval batches; it translates them with the decoding settings of
+  ``tasks.<name>.decode`` (greedy or beam search, jitted, with the key/value cache) and scores
+  them with sacreBLEU (``sacrebleu.corpus_bleu``, default 13a tokenisation).
+
+Hypotheses and references are both detokenised with ``tokenizer.decode``: the references are
+the eval targets as the model sees them (for an uncased tokenizer such as MiniLM's: lowercased,
+accents stripped), so BLEU measures the translation, not the tokenizer's normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.data import batching, tokenize
+
+IGNORE = -100
+METRICS = ("bleu", "token_accuracy")
+
+
+def loss(
+  logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+  """Summed (label-smoothed) cross-entropy over target tokens of real rows, and their count.
+
+  The smoothed target puts ``1 - eps`` on the label and ``eps / V`` on every token, so the loss
+  is ``(1 - eps) * nll + eps * (logsumexp - mean(logits))``, without a [B, T, V] one-hot.
+  """
+  labels = batch["labels"]
+  weights = (labels != IGNORE).astype(jnp.float32) * batch["example_mask"][:, None]
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  gold = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+  ce = lse - gold
+  if label_smoothing:
+    ce = (1.0 - label_smoothing) * ce + label_smoothing * (lse - jnp.mean(logits, axis=-1))
+  return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def predict(logits: jax.Array, batch: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+  """The teacher-forced next token at every position."""
+  return {"token": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
+
+
+def metrics(
+  predictions: dict[str, np.ndarray],
+  gold: dict[str, np.ndarray],
+  label_names: Sequence[str] | None = None,
+) -> dict[str, float]:
+  """Teacher-forced token accuracy over real target tokens (BLEU comes from the hook)."""
+  rows = gold["example_mask"] > 0
+  labels, pred = gold["labels"][rows], predictions["token"][rows]
+  mask = labels != IGNORE
+  return {
+    "token_accuracy": float(np.mean(pred[mask] == labels[mask])) if mask.any() else 0.0,
+    "examples": int(rows.sum()),
+  }
+
+
+def decode_settings(task_cfg: Any) -> dict[str, Any]:
+  """``tasks.<name>.decode`` with defaults: beam sizes, length penalty, maximum length."""
+  cfg = dict(task_cfg.get("decode", {}) or {})
+  beams = tuple(cfg.get("beam_sizes", (1,)))
+  if not beams or min(beams) < 1:
+    raise ValueError(f"decode.beam_sizes={beams}: expected beam sizes >= 1")
+  return dict(
+    beam_sizes=beams,
+    alpha=float(cfg.get("alpha", 0.6)),
+    max_length=int(cfg.get("max_length", 0) or task_cfg.data.target_max_length),
+  )
+
+
+def metric_name(beam: int) -> str:
+  return "bleu_greedy" if beam == 1 else f"bleu_beam{beam}"
+
+
+def make_translator(
+  model: Any, task: str, task_cfg: Any, tokenizer: Any, beam_size: int
+) -> Callable[[Any, dict[str, np.ndarray]], list[str]]:
+  """``translate(params, batch) -> detokenised hypotheses``, one per row of ``batch``.
+
+  Sources are re-padded to the data set's largest bucket, so decoding compiles once.
+  """
+  from research.models.decoding import make_generate, strip
+
+  settings = decode_settings(task_cfg)
+  ids = tokenize.special_ids(tokenizer)
+  generate = make_generate(
+    model,
+    task,
+    max_length=settings["max_length"],
+    bos=ids["bos"],
+    eos=ids["eos"],
+    pad=ids["pad"],
+    beam_size=beam_size,
+    alpha=settings["alpha"],
+  )
+  width = int(task_cfg.data.buckets[-1])
+
+  def translate(params, batch, put=lambda b: b) -> list[str]:
+    source = {
+      "input_ids": _pad_to(batch["input_ids"], width, ids["pad"]),
+      "attention_mask": _pad_to(batch["attention_mask"], width, 0),
+      "token_type_ids": _pad_to(batch["token_type_ids"], width, 0),
+    }
+    tokens = np.asarray(jax.device_get(generate(params, put(source))["tokens"]))
+    return [detokenize(tokenizer, row) for row in strip(tokens, ids["eos"])]
+
+  return translate
+
+
+def _pad_to(x: np.ndarray, width: int, value: int) -> np.ndarray:
+  x = np.asarray(x)
+  if x.shape[1] > width:
+    raise ValueError(f"source of {x.shape[1]} tokens exceeds the largest bucket {width}")
+  return np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+
+
+def detokenize(tokenizer: Any, ids: Sequence[int]) -> str:
+  return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True)
+
+
+def references(tokenizer: Any, batch: dict[str, np.ndarray]) -> list[str]:
+  """The detokenised targets of a batch's rows (labels without -100 and EOS)."""
+  eos = tokenize.special_ids(tokenizer)["eos"]
+  out = []
+  for row in np.asarray(batch["labels"]):
+    row = [int(t) for t in row if t != IGNORE]
+    out.append(detokenize(tokenizer, row[:-1] if row and row[-1] == eos else row))
+  return out
+
+
+def bleu(hypotheses: Sequence[str], refs: Sequence[str]) -> float:
+  """Corpus sacreBLEU (13a tokenisation, as sacrebleu's default)."""
+  import sacrebleu
+
+  return float(sacrebleu.corpus_bleu(list(hypotheses), [list(refs)]).score)
+
+
+def make_evaluate(
+  model: Any, task: str, task_cfg: Any, tokenizer: Any
+) -> Callable[[Any, list[dict[str, np.ndarray]], Callable], dict[str, Any]]:
+  """The Evaluator hook: ``evaluate(params, batches, put) -> {'bleu', 'bleu_greedy', ...}``.
+
+  ``bleu`` is the first of ``decode.beam_sizes``; every beam size also gets its own
+  ``bleu_greedy`` / ``bleu_beam<k>`` entry.
+  """
+  settings = decode_settings(task_cfg)
+  translators = {
+    k: make_translator(model, task, task_cfg, tokenizer, k) for k in settings["beam_sizes"]
+  }
+
+  def evaluate(params, batches, put) -> dict[str, Any]:
+    refs = [r for b in batches for r, m in zip(references(tokenizer, b), b["example_mask"]) if m]
+    out: dict[str, Any] = {}
+    for k, translate in translators.items():
+      hyps = []
+      for batch in batches:
+        rows = translate(params, batch, put)
+        hyps.extend(h for h, m in zip(rows, batch["example_mask"]) if m)
+      out[metric_name(k)] = bleu(hyps, refs)
+      if k == settings["beam_sizes"][0]:
+        out["bleu"] = out[metric_name(k)]
+    return out
+
+  return evaluate
+
+
+def translate_lines(
+  model: Any,
+  params: Any,
+  task: str,
+  task_cfg: Any,
+  tokenizer: Any,
+  texts: Sequence[str],
+  batch_size: int = 64,
+) -> tuple[list[str], int]:
+  """Predict mode: translations of ``texts`` (first beam size of ``decode.beam_sizes``).
+
+  Returns:
+    ``(translations, number of sources truncated to max_length)``.
+  """
+  max_length = task_cfg.data.max_length
+  tok = tokenize.seq2seq(tokenizer, list(texts), [""] * len(texts), max_length, 2)
+  full = tokenize.seq2seq(tokenizer, list(texts), [""] * len(texts), 10**6, 2) if texts else None
+  truncated = int(np.sum(full.ragged["input_ids"].lengths > max_length)) if full else 0
+  translate = make_translator(
+    model, task, task_cfg, tokenizer, decode_settings(task_cfg)["beam_sizes"][0]
+  )
+  out: list[str | None] = [None] * len(texts)
+  buckets = tuple(task_cfg.data.buckets)
+  for rows in batching.eval_plan(len(texts), batch_size) if len(texts) else []:
+    batch = batching.assemble(tok, rows, fill=0, length=batching.padded_length(tok, rows, buckets))
+    for r, hyp in zip(rows, translate(params, batch)):
+      if r >= 0:
+        out[r] = hyp
+  return out, truncated
