@@ -64,8 +64,24 @@ def encoder_config(model_cfg: ml_collections.ConfigDict) -> EncoderConfig:
 def build_model(
   config: ml_collections.ConfigDict, num_labels: dict[str, int]
 ) -> tuple[TaskModel, EncoderConfig]:
-  """The TaskModel for ``config.tasks`` with ``num_labels[task]`` outputs per head."""
+  """The TaskModel for ``config.tasks`` with ``num_labels[task]`` outputs per head.
+
+  Seq2seq tasks get an EncoderDecoder instead (decoder: the encoder's architecture with
+  ``model.decoder_overrides``; see research.models.seq2seq).
+  """
   enc = encoder_config(config.model)
+  if any(t.kind == "seq2seq" for t in config.tasks.values()):
+    from research.models import seq2seq
+
+    model = seq2seq.make_model(
+      enc,
+      tuple(config.tasks),
+      config.model.get("decoder_overrides", {}),
+      dtype=compute_dtype(config.model.dtype),
+      param_dtype=DTYPES[config.model.param_dtype],
+      remat=config.model.remat,
+    )
+    return model, enc
   heads = {}
   for name, task in config.tasks.items():
     head = dict(task.get("head", {}) or {})
@@ -78,6 +94,17 @@ def build_model(
     remat=config.model.remat,
   )
   return model, enc
+
+
+def init_plan(config: ml_collections.ConfigDict) -> tuple[str, list[tuple[str, str | None]]]:
+  """``('pretrained' | 'scratch', graft rules)``: ``model.init`` and ``model.graft_rules``, or
+  those of a seq2seq init mode (``rnd2rnd``, ``bert2rnd``, ``bert2bert``)."""
+  from research.models import seq2seq
+
+  if config.model.init in seq2seq.INIT_MODES:
+    init, rules = seq2seq.init_plan(config.model.init)
+    return init, list(rules)
+  return config.model.init, [tuple(r) for r in config.model.graft_rules]
 
 
 def init_fn(model: TaskModel, seq_len: int = 8):

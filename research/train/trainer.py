@@ -27,7 +27,7 @@ from research import tasks as task_lib
 from research.train import checkpoints as ckpt_lib
 from research.train import parallel
 from research.train.metrics import MetricWriter
-from research.train.state import TrainState, build_model, init_fn
+from research.train.state import TrainState, build_model, init_fn, init_plan
 from research.train.steps import make_eval_step, make_train_step
 from research.transfer import graft as graft_lib
 from research.transfer import hf
@@ -91,11 +91,14 @@ def _graft_source(config) -> tuple[Any, str] | None:
   if source:  # An HF checkpoint directory or hub id.
     _, params = hf.load_pretrained(source)
     return params, f"HF checkpoint {source}"
-  if config.model.init == "pretrained":
+  init, _ = init_plan(config)
+  if init == "pretrained":
     _, params = hf.load_pretrained(config.model.checkpoint)
     return params, f"HF checkpoint {config.model.checkpoint}"
-  if config.model.init != "scratch":
-    raise ValueError(f"model.init={config.model.init!r}: expected pretrained or scratch")
+  if init != "scratch":
+    raise ValueError(
+      f"model.init={config.model.init!r}: expected pretrained, scratch or a seq2seq init mode"
+    )
   return None
 
 
@@ -175,7 +178,7 @@ def train_and_evaluate(
       params, report = graft_lib.graft(
         state.params,
         source[0],
-        [tuple(r) for r in config.model.graft_rules],
+        init_plan(config)[1],
         strict=config.model.get("strict_graft", False),
         reinit_on_mismatch=tuple(config.model.get("reinit_on_mismatch", ())),
       )
@@ -210,7 +213,9 @@ def train_and_evaluate(
     batches = Prefetcher(train_it, put, hook=batch_hook, start_step=start_step)
   replicated = parallel.replicated(mesh)
   train_step = parallel.compile_train_step(
-    lambda axis: make_train_step(model, task, kind, tcfg.grad_accum, axis),
+    lambda axis: make_train_step(
+      model, task, kind, tcfg.grad_accum, axis, loss_options=task_cfg.get("loss")
+    ),
     config.parallel.mode,
     mesh,
     shardings,
@@ -221,7 +226,7 @@ def train_and_evaluate(
     in_shardings=(shardings.params, bsharding),
     out_shardings=replicated,
   )
-  evaluator = Evaluator(task, kind, task_cfg, config, put, eval_step)
+  evaluator = Evaluator(task, kind, task_cfg, config, put, eval_step, model=model)
 
   # --- The loop. --------------------------------------------------------------------------
   pending: list[dict] = []
@@ -307,9 +312,10 @@ def _tokenizer(config):
 class Evaluator:
   """Runs one task's eval split through the jitted eval step; metrics on the host."""
 
-  def __init__(self, task, kind, task_cfg, config, put, eval_step):
+  def __init__(self, task, kind, task_cfg, config, put, eval_step, model=None):
     self.task, self.module, self.put, self.eval_step = task, task_lib.get(kind), put, eval_step
-    self.task_cfg, self.config = task_cfg, config
+    self.task_cfg, self.config, self.model = task_cfg, config, model
+    self._hook = None  # The task module's make_evaluate(...) result, built on first use.
     from research.data import input_pipeline
 
     self.label_names = input_pipeline.label_names(task_cfg.data)
@@ -342,4 +348,9 @@ class Evaluator:
     cat = lambda xs: {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
     out = self.module.metrics(cat(preds), cat(golds), self.label_names)
     out["loss"] = total / max(weight, 1.0)
+    if hasattr(self.module, "make_evaluate"):  # e.g. seq2seq: decode, then BLEU.
+      if self._hook is None:
+        args = (self.model, self.task, self.task_cfg, _tokenizer(self.config))
+        self._hook = self.module.make_evaluate(*args)
+      out.update(self._hook(params, self.batches(), self.put))
     return out

@@ -1,0 +1,266 @@
+"""Greedy and beam-search decoding, jitted, over a key/value cache.
+
+The search functions are model-agnostic: they drive ``step_fn(tokens [N], index, state,
+static) -> (logits [N, V], state)``, where ``state`` is what changes per step (the decoder's
+self-attention cache; beam search reorders it along the surviving beams) and ``static`` what
+does not (the cross-attention keys/values and the source mask). :func:`make_generate` glues an
+:class:`research.models.seq2seq.EncoderDecoder` to them; with ``cache=False`` its step reruns
+the whole decoder over the prefix instead (the reference the cached path is tested against).
+
+Beam search follows fairseq: each step keeps the ``2k`` best continuations of the ``k`` alive
+beams; those ending in EOS among the best ``k`` are finished (scored by log-probability over
+the GNMT length penalty ``((5 + length) / 6) ** alpha``), the best ``k`` others stay alive; a
+source is done once it has ``k`` finished hypotheses, and at ``max_length`` the alive beams are
+finished as they are. With ``k = 1`` this is exactly greedy decoding (tested): the best
+continuation ends the search when it is EOS and is kept alive otherwise. Both searches stop as
+soon as every source is done. Token ids after EOS are ``pad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+StepFn = Callable[[Array, Array, Any, Any], tuple[Array, Any]]
+NEG_INF = -jnp.inf
+
+
+def length_penalty(length: Array, alpha: float) -> Array:
+  """GNMT's ``((5 + length) / 6) ** alpha`` (1 for ``alpha = 0``)."""
+  return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def greedy(
+  step_fn: StepFn,
+  state: Any,
+  static: Any,
+  *,
+  batch_size: int,
+  max_length: int,
+  bos: int,
+  eos: int,
+  pad: int,
+) -> dict[str, Array]:
+  """Arg-max decoding until EOS or ``max_length`` tokens.
+
+  Returns:
+    ``tokens`` [B, max_length] (EOS included, ``pad`` after it) and ``scores`` [B] (summed
+    log-probabilities).
+  """
+  b = batch_size
+
+  def cond(carry):
+    i, _, _, _, finished, _ = carry
+    return (i < max_length) & ~jnp.all(finished)
+
+  def body(carry):
+    i, cur, out, score, finished, state = carry
+    logits, state = step_fn(cur, i, state, static)
+    cand = score[:, None] + jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    # The same arithmetic as beam search's candidates, so beam size 1 ties break identically.
+    nxt = jnp.argmax(cand, axis=-1).astype(jnp.int32)
+    tok = jnp.where(finished, pad, nxt)
+    score = jnp.where(finished, score, jnp.take_along_axis(cand, nxt[:, None], axis=1)[:, 0])
+    out = out.at[:, i].set(tok)
+    return i + 1, tok, out, score, finished | (tok == eos), state
+
+  init = (
+    jnp.zeros([], jnp.int32),
+    jnp.full((b,), bos, jnp.int32),
+    jnp.full((b, max_length), pad, jnp.int32),
+    jnp.zeros((b,), jnp.float32),
+    jnp.zeros((b,), bool),
+    state,
+  )
+  _, _, tokens, scores, _, _ = jax.lax.while_loop(cond, body, init)
+  return {"tokens": tokens, "scores": scores}
+
+
+def _gather(x: Array, index: Array) -> Array:
+  """``x[b, index[b, j]]`` for x [B, K, ...] and index [B, J]."""
+  index = index.reshape(*index.shape, *([1] * (x.ndim - 2)))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def _reorder(state: Any, beams: Array, k: int) -> Any:
+  """Rows of a [B*k, ...] state pytree reordered to follow ``beams`` [B, k]."""
+
+  def one(x):
+    y = _gather(x.reshape(-1, k, *x.shape[1:]), beams)
+    return y.reshape(x.shape)
+
+  return jax.tree.map(one, state)
+
+
+def beam_search(
+  step_fn: StepFn,
+  state: Any,
+  static: Any,
+  *,
+  batch_size: int,
+  beam_size: int,
+  max_length: int,
+  bos: int,
+  eos: int,
+  pad: int,
+  alpha: float = 0.6,
+) -> dict[str, Array]:
+  """Beam search (see module docstring). ``state``/``static`` rows are [B * beam_size, ...].
+
+  Returns:
+    ``tokens`` [B, max_length] of the best finished hypothesis (EOS included, ``pad`` after)
+    and its ``scores`` [B] (log-probability / length penalty).
+  """
+  b, k, n = batch_size, beam_size, max_length
+  rank = jnp.arange(2 * k)
+
+  def cond(carry):
+    i, done = carry[0], carry[6]
+    return (i < n) & ~jnp.all(done)
+
+  def body(carry):
+    i, cur, alive_seqs, alive_scores, fin_seqs, fin_scores, done, state = carry
+    logits, state = step_fn(cur.reshape(b * k), i, state, static)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    vocab = logp.shape[-1]
+    cand = (alive_scores[..., None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
+    vals, idx = jax.lax.top_k(cand, 2 * k)
+    beam, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
+    seqs = _gather(alive_seqs, beam).at[:, :, i].set(tok)  # [B, 2k, n]
+    is_eos = tok == eos
+    # Finished: EOS among the best k, for sources not done yet.
+    new = is_eos & (rank < k)[None, :] & ~done[:, None]
+    new_scores = jnp.where(new, vals / length_penalty(i + 1, alpha), NEG_INF)
+    fin_scores, j = jax.lax.top_k(jnp.concatenate([fin_scores, new_scores], axis=1), k)
+    fin_seqs = _gather(jnp.concatenate([fin_seqs, seqs], axis=1), j)
+    # Alive: the best k that do not end in EOS (there are at least k among the 2k).
+    alive_scores, j = jax.lax.top_k(jnp.where(is_eos, NEG_INF, vals), k)
+    alive_seqs = _gather(seqs, j)
+    state = _reorder(state, _gather(beam, j), k)
+    done = done | (jnp.sum(jnp.isfinite(fin_scores), axis=1) >= k)
+    return i + 1, _gather(tok, j), alive_seqs, alive_scores, fin_seqs, fin_scores, done, state
+
+  first = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)  # Identical beams: expand one.
+  init = (
+    jnp.zeros([], jnp.int32),
+    jnp.full((b, k), bos, jnp.int32),
+    jnp.full((b, k, n), pad, jnp.int32),
+    jnp.broadcast_to(first, (b, k)).astype(jnp.float32),
+    jnp.full((b, k, n), pad, jnp.int32),
+    jnp.full((b, k), NEG_INF, jnp.float32),
+    jnp.zeros((b,), bool),
+    state,
+  )
+  i, _, alive_seqs, alive_scores, fin_seqs, fin_scores, done, _ = jax.lax.while_loop(
+    cond, body, init
+  )
+  # Sources without k finished hypotheses at max_length: their alive beams compete as they are.
+  forced = jnp.where(done[:, None], NEG_INF, alive_scores / length_penalty(i, alpha))
+  scores, j = jax.lax.top_k(jnp.concatenate([fin_scores, forced], axis=1), 1)
+  tokens = _gather(jnp.concatenate([fin_seqs, alive_seqs], axis=1), j)
+  return {"tokens": tokens[:, 0], "scores": scores[:, 0]}
+
+
+def prepare(
+  model: Any,
+  params: Any,
+  batch: dict[str, Array],
+  task: str,
+  *,
+  beam_size: int,
+  max_length: int,
+  pad: int,
+  cache: bool = True,
+) -> tuple[StepFn, Any, Any]:
+  """``(step_fn, state, static)`` of an EncoderDecoder for the searches above (traceable).
+
+  Encodes the source once; with ``beam_size`` k, every row is repeated k times. With ``cache``
+  the state is the self-attention cache and ``static`` the cross keys/values and source mask;
+  without, the state is the token prefix, rerun through the whole decoder at every step.
+  """
+  variables = {"params": params}
+  mask = batch["attention_mask"]
+  memory = model.apply(
+    variables, batch["input_ids"], mask, batch.get("token_type_ids"), method=model.encode
+  )
+  if beam_size > 1:  # Every beam of a source sees the same encoder states.
+    memory = jnp.repeat(memory, beam_size, axis=0)
+    mask = jnp.repeat(mask, beam_size, axis=0)
+  if cache:
+    kv = model.apply(variables, memory, max_length, method=model.init_cache)
+
+    def cached_step(tokens, index, own, static):
+      cross, mask = static
+      logits, new = model.apply(
+        variables,
+        tokens,
+        index,
+        {"self": own, "cross": cross},
+        mask,
+        task=task,
+        method=model.decode_step,
+      )
+      return logits, new["self"]
+
+    return cached_step, kv["self"], (kv["cross"], mask)
+
+  def uncached_step(tokens, index, prefix, static):
+    memory, mask = static
+    prefix = prefix.at[:, index].set(tokens)
+    logits = model.apply(variables, prefix, memory, mask, task=task, method=model.decode)
+    return jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False), prefix
+
+  prefix = jnp.full((memory.shape[0], max_length), pad, jnp.int32)
+  return uncached_step, prefix, (memory, mask)
+
+
+def make_generate(
+  model: Any,
+  task: str,
+  *,
+  max_length: int,
+  bos: int,
+  eos: int,
+  pad: int,
+  beam_size: int = 1,
+  alpha: float = 0.6,
+  cache: bool = True,
+) -> Callable[[Any, dict[str, Array]], dict[str, Array]]:
+  """A jitted ``generate(params, batch) -> {'tokens', 'scores'}`` for an EncoderDecoder.
+
+  Args:
+    model: the EncoderDecoder.
+    task: whose LM head scores the tokens.
+    max_length: most tokens generated per source (EOS included).
+    bos / eos / pad: the decoder start, end and padding ids.
+    beam_size: 1 is greedy decoding; more is beam search.
+    alpha: the length penalty's exponent (beam search only).
+    cache: decode with the key/value cache (False reruns the decoder over the prefix).
+
+  ``batch`` needs ``input_ids`` and ``attention_mask`` (``token_type_ids`` optional); it is
+  compiled once per source shape.
+  """
+
+  def generate(params, batch):
+    step_fn, state, static = prepare(
+      model, params, batch, task, beam_size=beam_size, max_length=max_length, pad=pad, cache=cache
+    )
+    b = batch["input_ids"].shape[0]
+    common = dict(batch_size=b, max_length=max_length, bos=bos, eos=eos, pad=pad)
+    if beam_size == 1:
+      return greedy(step_fn, state, static, **common)
+    return beam_search(step_fn, state, static, beam_size=beam_size, alpha=alpha, **common)
+
+  return jax.jit(generate)
+
+
+def strip(tokens: Any, eos: int) -> list[list[int]]:
+  """Host-side: each row's tokens before its first EOS."""
+  out = []
+  for row in tokens.tolist():
+    out.append(row[: row.index(eos)] if eos in row else row)
+  return out

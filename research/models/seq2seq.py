@@ -1,0 +1,197 @@
+r"""EncoderDecoder: a (pretrained) encoder, a Transformer decoder and LM heads.
+
+Params are ``{'encoder', 'decoder', 'heads': {task: {'bias'}}}`` in the tree conventions of
+DESIGN.md: ``encoder`` is research.models.encoder.Encoder (the same paths as TaskModel's, so the
+pretrained checkpoint grafts unchanged), ``decoder`` is research.models.decoder.Decoder, and
+each seq2seq task's head is the bias of the output layer, whose weights are tied to the
+decoder's word embeddings (source and target share the tokenizer's vocabulary).
+
+Init modes as in Rothe et al. 2020 ("Leveraging Pre-trained Checkpoints for Sequence Generation
+Tasks"), each a list of graft rules so the graft report shows what came from where:
+
+- ``rnd2rnd``: everything at init (scratch);
+- ``bert2rnd``: the encoder from the checkpoint, the decoder and heads at init;
+- ``bert2bert``: also the decoder's embeddings, self-attention and feed-forward blocks from
+  the encoder's (decoder layer i from encoder layer i); cross-attention and its LayerNorm stay
+  at init, as in the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.models.config import EncoderConfig
+from research.models.decoder import Cache, Decoder
+from research.models.encoder import Encoder
+
+Array = jax.Array
+INIT_MODES = ("rnd2rnd", "bert2rnd", "bert2bert")
+ENCODER_RULES = (("encoder/(.*)", r"encoder/\1"),)
+# Decoder <- encoder (BERT2BERT); the explicit None rule documents what stays at init.
+DECODER_FROM_ENCODER = (
+  ("decoder/embeddings/(.*)", r"encoder/embeddings/\1"),
+  (
+    r"decoder/layer_(\d+)/(attention|attention_norm|ffn|output_norm)/(.*)",
+    r"encoder/layer_\1/\2/\3",
+  ),
+  (r"decoder/layer_\d+/cross_attention(_norm)?/.*", None),
+)
+
+
+def init_plan(mode: str) -> tuple[str, tuple[tuple[str, str | None], ...]]:
+  """``(model.init, graft rules)`` of a Rothe et al. init mode.
+
+  Raises:
+    ValueError: an unknown mode.
+  """
+  if mode == "rnd2rnd":
+    return "scratch", ()
+  if mode == "bert2rnd":
+    return "pretrained", ENCODER_RULES
+  if mode == "bert2bert":
+    return "pretrained", ENCODER_RULES + DECODER_FROM_ENCODER
+  raise ValueError(f"seq2seq init mode {mode!r}: expected one of {INIT_MODES}")
+
+
+class LMHead(nn.Module):
+  """The bias of the tied output layer of one task."""
+
+  vocab_size: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, logits: Array) -> Array:
+    bias = self.param("bias", nn.initializers.zeros, (self.vocab_size,), self.param_dtype)
+    return logits + bias.astype(jnp.float32)
+
+
+class LMHeads(nn.Module):
+  """One LMHead per task, under ``heads/<task>``."""
+
+  tasks: tuple[str, ...]
+  vocab_size: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, logits: Array, tasks: Sequence[str]) -> dict[str, Array]:
+    unknown = [t for t in tasks if t not in self.tasks]
+    if unknown:
+      raise KeyError(f"unknown task(s) {unknown}; this model has heads {sorted(self.tasks)}")
+    return {t: LMHead(self.vocab_size, self.param_dtype, name=t)(logits) for t in tasks}
+
+
+class EncoderDecoder(nn.Module):
+  """Encoder, decoder and LM heads; ``__call__`` is teacher forcing, the rest is decoding.
+
+  Attributes:
+    encoder_config / decoder_config: the two architectures (the decoder's vocabulary is the
+      encoder's: one tokenizer for source and target).
+    tasks: names of the seq2seq tasks (one LM head each).
+    dtype / param_dtype: compute and storage dtypes.
+    remat: rematerialise encoder layers in the backward pass.
+  """
+
+  encoder_config: EncoderConfig
+  decoder_config: EncoderConfig
+  tasks: tuple[str, ...]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: bool = False
+
+  # Batch fields that research.train.steps.apply_model passes on as keyword arguments.
+  DECODER_INPUTS = ("decoder_input_ids", "decoder_attention_mask")
+
+  @property
+  def task_names(self) -> tuple[str, ...]:
+    return self.tasks
+
+  def setup(self):
+    if self.decoder_config.vocab_size != self.encoder_config.vocab_size:
+      raise ValueError("encoder and decoder must share the vocabulary (one tokenizer)")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.encoder = Encoder(self.encoder_config, remat=self.remat, **kw)
+    self.decoder = Decoder(self.decoder_config, **kw)
+    self.heads = LMHeads(self.tasks, self.decoder_config.vocab_size, self.param_dtype)
+
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    token_type_ids: Array | None = None,
+    decoder_input_ids: Array | None = None,
+    decoder_attention_mask: Array | None = None,
+    *,
+    tasks: Sequence[str] | None = None,
+    deterministic: bool = True,
+  ) -> dict[str, Array]:
+    """``{task: logits [B, T, V]}`` of the targets given ``decoder_input_ids`` (teacher forcing).
+
+    Without ``decoder_input_ids`` the source ids stand in (what ``init`` needs).
+    """
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    memory = self.encode(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+    if decoder_input_ids is None:
+      decoder_input_ids, decoder_attention_mask = input_ids, attention_mask
+    hidden = self.decoder(
+      decoder_input_ids, memory, attention_mask, decoder_attention_mask, deterministic
+    )
+    tasks = self.tasks if tasks is None else tuple(tasks)
+    return self.heads(self.decoder.logits(hidden), tasks)
+
+  def encode(
+    self,
+    input_ids: Array,
+    attention_mask: Array,
+    token_type_ids: Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> Array:
+    """Encoder hidden states [B, S, D]."""
+    out = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+    return out["hidden_states"]
+
+  def decode(
+    self,
+    decoder_input_ids: Array,
+    memory: Array,
+    attention_mask: Array,
+    decoder_attention_mask: Array | None = None,
+    *,
+    task: str,
+  ) -> Array:
+    """Logits [B, T, V] of a whole target prefix given the encoder states (no cache)."""
+    hidden = self.decoder(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
+    return self.heads(self.decoder.logits(hidden), (task,))[task]
+
+  def init_cache(self, memory: Array, max_length: int) -> Cache:
+    """The decoding cache for ``max_length`` target positions over ``memory``."""
+    return self.decoder.init_cache(memory, max_length)
+
+  def decode_step(
+    self, ids: Array, index: Array, cache: Cache, attention_mask: Array, *, task: str
+  ) -> tuple[Array, Cache]:
+    """Logits [B, V] for the position after ``ids`` [B] (at ``index``), and the new cache."""
+    hidden, cache = self.decoder.step(ids, index, cache, attention_mask)
+    return self.heads(self.decoder.logits(hidden), (task,))[task], cache
+
+
+def make_model(
+  encoder: EncoderConfig,
+  tasks: Sequence[str],
+  decoder_overrides: dict[str, Any] | None = None,
+  **kwargs: Any,
+) -> EncoderDecoder:
+  """An EncoderDecoder whose decoder is the encoder's architecture with ``decoder_overrides``.
+
+  The encoder's pooler is dropped (nothing reads it); its checkpoint weights then show up as
+  'unused in source' in the graft report.
+  """
+  encoder = encoder.replace(use_pooler=False)
+  decoder = encoder.replace(**dict(decoder_overrides or {}))
+  return EncoderDecoder(encoder, decoder, tuple(tasks), **kwargs)
