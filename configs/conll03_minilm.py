@@ -6,17 +6,18 @@ r"""CoNLL-2003 English NER: all-MiniLM-L6-v2 with a token-classification head (I
 
 The tag of a word is predicted at its first sub-token; entity-level precision / recall / F1
 (equal to seqeval's) with a per-type breakdown are in results.json. Variants: ``smoke``,
-``tiny`` (random 2-layer encoder on the committed fixture, for tests), ``init=scratch``.
+``tiny`` (random 2-layer encoder on the committed fixture, for tests), ``init=scratch``,
+``crf`` (a linear-chain CRF layer with Viterbi decoding instead of per-token softmax).
 """
 
 from research import config_lib
 from research.data.registry import default_data_config
 
-VARIANTS = ("", "smoke", "tiny", "init=scratch")
+VARIANTS = ("", "smoke", "tiny", "init=scratch", "crf", "tiny,crf")
 
 
 def get_config(arg: str | None = None):
-  arg = config_lib.parse_arg(arg, smoke=False, tiny=False, init="pretrained")
+  arg = config_lib.parse_arg(arg, smoke=False, tiny=False, crf=False, init="pretrained")
   c = config_lib.base_config()
   c.experiment = "conll03_minilm"
   c.model.init = arg.init
@@ -24,6 +25,7 @@ def get_config(arg: str | None = None):
     "tagging",
     default_data_config("conll2003", max_length=128, buckets=(32, 64, 128)),
     dropout=0.1,
+    crf=arg.crf,
   )
   c.train.update(
     steps=3000,

@@ -109,3 +109,16 @@ def test_crf_head_trains_and_decodes_on_word_positions():
   pred = tagging.predict(out, batch)["label"]
   keep = batch["labels"] != -100
   np.testing.assert_array_equal(pred[keep], batch["labels"][keep])
+
+
+def test_ner_trainer_end_to_end_with_crf(tmp_path):
+  from train_util import load_config_module
+
+  from research.train.trainer import train_and_evaluate
+
+  config = load_config_module("conll03_minilm").get_config("tiny,crf")
+  results = train_and_evaluate(config, str(tmp_path))
+  scores = results["eval"]["conll03"]
+  assert {"f1", "precision", "recall", "accuracy", "per_type"} <= set(scores)
+  assert set(scores["per_type"]) <= {"PER", "LOC", "ORG", "MISC"}
+  assert "crf_transitions" in (tmp_path / "graft_report.txt").read_text() or results["init"]
