@@ -9,6 +9,8 @@ form on a quadratic and, for one inner step, on the model.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,9 @@ from research.models.heads import HeadConfig
 from research.models.task_model import init_params, make_task_model
 from research.train.state import TrainState
 
+# The programs here are tiny but deep (gradients of scanned gradients): LLVM's optimisations
+# cost most of their compile time and none of their (exact) results.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 N, K, Q, T = 3, 2, 2, 6
 LR = 0.3
 ENC = EncoderConfig.tiny(
@@ -61,7 +66,7 @@ def make_episode(seed: int = 0, n: int = N, k: int = K, q: int = Q) -> dict[str,
 @pytest.fixture(scope="module")
 def setup():
   model = make_model()
-  params = init_params(model, jax.random.key(0), T)
+  params = jit(lambda r: init_params(model, r, T))(jax.random.key(0))
   # Larger head weights than BERT's init so the second-order terms are not negligible.
   head = params["heads"][TASK]["output"]
   head["kernel"] = head["kernel"] * 25.0
@@ -113,20 +118,20 @@ def max_rel(a, b) -> float:
 
 
 def meta_grad(lrn, params, ep):
-  return jax.jit(jax.grad(lambda p, e: lrn.query_loss(p, e)[0]))(params, ep)
+  return jit(jax.grad(lambda p, e: lrn.query_loss(p, e)[0]))(params, ep)
 
 
 def test_maml_second_order_equals_unrolled_reference_and_finite_differences(setup):
   model, params, ep = setup
   lrn = learner(model)
   got = meta_grad(lrn, params, ep)
-  reference = jax.jit(reference_maml, static_argnums=(0, 3))
+  reference = jit(reference_maml, static_argnums=(0, 3))
   ref = reference(model, params, ep, False)
   assert max_rel(got, ref) < 1e-4
   fo = reference(model, params, ep, True)
   assert max_rel(fo, ref) > 1e-2, "the second-order term should matter in this test"
   # Central differences of the meta-objective along random directions.
-  objective = jax.jit(lambda p: lrn.query_loss(p, ep)[0]).lower(params).compile()
+  objective = jit(lambda p: lrn.query_loss(p, ep)[0]).lower(params).compile()
   rng = np.random.default_rng(1)
   for _ in range(3):
     # Directions scaled like each leaf, so a step of eps is a small relative change.
@@ -143,7 +148,7 @@ def test_maml_second_order_equals_unrolled_reference_and_finite_differences(setu
 def test_fomaml_equals_reference_with_second_order_term_stopped(setup):
   model, params, ep = setup
   got = meta_grad(learner(model, algorithm="fomaml", first_order=True), params, ep)
-  ref = jax.jit(reference_maml, static_argnums=(0, 3))(model, params, ep, True)
+  ref = jit(reference_maml, static_argnums=(0, 3))(model, params, ep, True)
   assert max_rel(got, ref) < 1e-4
 
 
@@ -159,7 +164,7 @@ def test_anil_adapts_only_the_head_and_matches_naive_unroll(setup):
   model, params, ep = setup
   lrn = learner(model, algorithm="anil", inner=("heads/.*",))
   assert lrn.s.head_only
-  adapted, _ = jax.jit(lambda p: lrn.adapt(p, ep, 2))(params)
+  adapted, _ = jit(lambda p: lrn.adapt(p, ep, 2))(params)
   fa, fp = paths.flatten(adapted), paths.flatten(params)
   for k in fp:
     changed = not np.array_equal(np.asarray(fa[k]), np.asarray(fp[k]))
@@ -174,7 +179,7 @@ def test_anil_adapts_only_the_head_and_matches_naive_unroll(setup):
     return plain_loss(model, p, ep, "query_")
 
   got = meta_grad(lrn, params, ep)
-  ref = jax.jit(jax.grad(naive))(params)
+  ref = jit(jax.grad(naive))(params)
   assert max_rel(got, ref) < 1e-4
   enc_norm = optax.global_norm(got["encoder"])
   assert float(enc_norm) > 0  # The encoder is meta-learned through the head's adaptation.
@@ -226,15 +231,16 @@ def test_reptile_meta_step_one_inner_step_closed_form(setup):
   eps_list = [make_episode(s) for s in (3, 4)]
   batch = {k: np.stack([e[k] for e in eps_list]) for k in eps_list[0]}
   state = TrainState.create(params, optax.sgd(eps), jax.random.key_data(jax.random.key(0)))
-  new, metrics = jax.jit(make_meta_step(lrn))(state, batch)
+  new, metrics = jit(make_meta_step(lrn))(state, batch)
   assert int(new.step) == 1 and np.isfinite(float(metrics["loss"]))
 
   def joint_loss(p, e):
-    cat = lambda k: np.concatenate([e[f"support_{k}"], e[f"query_{k}"]])
+    cat = lambda k: jnp.concatenate([e[f"support_{k}"], e[f"query_{k}"]])
     logits = model.apply({"params": p}, cat("input_ids"), cat("attention_mask"))[TASK]
     return cross_entropy(logits, cat("labels"))
 
-  grads = [jax.grad(joint_loss)(params, e) for e in eps_list]
+  grad = jit(jax.grad(joint_loss))
+  grads = [grad(params, e) for e in eps_list]
   mean = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
   expected = tree_axpy(-eps * LR, mean, params)
   assert max_rel(new.params, expected) < 1e-5
@@ -246,8 +252,8 @@ def test_maml_meta_gradient_averages_episodes(setup):
   lrn = learner(model)
   eps_list = [make_episode(s) for s in (5, 6)]
   batch = {k: np.stack([e[k] for e in eps_list]) for k in eps_list[0]}
-  got, aux = jax.jit(lambda p: meta_gradient(lrn, p, batch))(params)
-  grad = jax.jit(jax.grad(lambda p, e: lrn.query_loss(p, e)[0]))
+  got, aux = jit(lambda p: meta_gradient(lrn, p, batch))(params)
+  grad = jit(jax.grad(lambda p, e: lrn.query_loss(p, e)[0]))
   each = [grad(params, e) for e in eps_list]
   assert max_rel(got, jax.tree.map(lambda a, b: (a + b) / 2, *each)) < 1e-5
   assert set(aux) >= {"loss", "accuracy"}
@@ -259,7 +265,7 @@ def test_maml_head_init_and_baselines_evaluate(setup, head_init):
   model, params, ep = setup
   for algorithm in ("maml", "protonet", "finetune"):
     lrn = learner(model, algorithm=algorithm, head_init=head_init, finetune_steps=3)
-    acc = jax.jit(lrn.evaluate)(params, ep)
+    acc = jit(lrn.evaluate)(params, ep)
     assert 0.0 <= float(acc) <= 1.0
   # Zero head: the stored head gets no meta-gradient (it is reset every episode).
   g = meta_grad(learner(model, head_init=head_init), params, ep)
