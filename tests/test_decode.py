@@ -21,7 +21,7 @@ def tiny_model():
   enc = EncoderConfig.tiny(num_layers=1, hidden_dropout=0.0, attention_dropout=0.0)
   model = seq2seq.make_model(enc, ("mt",))
   ids = jnp.zeros((1, 8), jnp.int32)
-  params = model.init(jax.random.key(0), ids, jnp.ones_like(ids))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), ids, jnp.ones_like(ids))["params"]
   sharpen = lambda p, x: x * 20 if p.endswith(("kernel", "embedding")) else x
   params = paths.map_with_path(sharpen, params)
   rng = np.random.default_rng(0)

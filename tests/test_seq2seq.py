@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from train_util import REPO, load_config_module, make_tiny_minilm_like
+from train_util import REPO, load_config_module
 
 from research import paths
 from research.models import seq2seq
@@ -22,7 +22,7 @@ from research.transfer import graft as graft_lib
 
 def _init(model, seq_len=6):
   ids = jnp.zeros((1, seq_len), jnp.int32)
-  return model.init(jax.random.key(1), ids, jnp.ones_like(ids))["params"]
+  return jax.jit(model.init)(jax.random.key(1), ids, jnp.ones_like(ids))["params"]
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +112,17 @@ def test_seq2seq_bleu_is_sacrebleu():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   """configs/multi30k_bert2rnd.py:tiny through the real trainer, warm-started BERT2BERT from a
-  tiny random BERT checkpoint with MiniLM's vocabulary."""
+  tiny random BERT checkpoint (HF layout) with MiniLM's vocabulary and tokenizer."""
   from research.train.trainer import train_and_evaluate
+  from research.transfer import hf
 
-  hf_dir = make_tiny_minilm_like(tmp_path_factory.mktemp("tiny_hf"))
+  enc = EncoderConfig.tiny(vocab_size=30522)
+  hf_dir = hf.save_pretrained(
+    tmp_path_factory.mktemp("tiny_hf"),
+    enc,
+    {"encoder": _init(Encoder(enc))},
+    tokenizer_from=hf.MINILM,
+  )
   workdir = tmp_path_factory.mktemp("m30k_tiny")
   config = load_config_module("multi30k_bert2rnd").get_config("tiny")
   config.model.update(checkpoint=str(hf_dir), init="bert2bert", encoder_overrides={})
