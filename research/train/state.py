@@ -98,10 +98,11 @@ def build_model(
 
 def init_plan(config: ml_collections.ConfigDict) -> tuple[str, list[tuple[str, str | None]]]:
   """``('pretrained' | 'scratch', graft rules)``: ``model.init`` and ``model.graft_rules``, or
-  those of a seq2seq init mode (``rnd2rnd``, ``bert2rnd``, ``bert2bert``)."""
+  those of a seq2seq init mode (``rnd2rnd``, ``bert2rnd``, ``bert2bert``) unless ``init_from``
+  names the source (then ``model.graft_rules`` say what to take from it)."""
   from research.models import seq2seq
 
-  if config.model.init in seq2seq.INIT_MODES:
+  if config.model.init in seq2seq.INIT_MODES and not config.get("init_from"):
     init, rules = seq2seq.init_plan(config.model.init)
     return init, list(rules)
   return config.model.init, [tuple(r) for r in config.model.graft_rules]
