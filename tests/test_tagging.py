@@ -121,4 +121,4 @@ def test_ner_trainer_end_to_end_with_crf(tmp_path):
   scores = results["eval"]["conll03"]
   assert {"f1", "precision", "recall", "accuracy", "per_type"} <= set(scores)
   assert set(scores["per_type"]) <= {"PER", "LOC", "ORG", "MISC"}
-  assert "crf_transitions" in (tmp_path / "graft_report.txt").read_text() or results["init"]
+  assert results["init"] == "scratch" and (tmp_path / "labels.json").is_file()
