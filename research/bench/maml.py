@@ -1,0 +1,266 @@
+"""Benchmark: one MAML meta-step on MiniLM, ours (JAX) vs the same step in PyTorch ``torch.func``.
+
+  python -m research.bench.maml [--episodes=4 --shot=5 --inner_steps=5 --seq=32 --rounds=5]
+  python -m research.bench.maml --peer=none          # ours only (all three variants)
+
+The step: 4 episodes of 5-way 5-shot (5 query examples per class), 5 inner SGD steps on every
+parameter of all-MiniLM-L6-v2 plus a zero-initialised 5-way head on mean-pooled tokens, the
+query loss differentiated through the inner loop (second order), then Adam on the meta-gradient.
+Ours is what the meta trainer runs: :func:`research.meta.steps.make_meta_step` compiled by
+:func:`research.train.parallel.compile_train_step`, state donated; timed second order, second
+order with ``jax.checkpoint`` per inner step (remat), and first order. The peer is transformers'
+``BertModel`` (eager attention: its SDPA kernels have no double backward) run through
+``torch.func.functional_call`` and ``torch.func.grad`` of ``torch.func.grad``, one episode after
+the other, then ``torch.optim.Adam``. Both sides see the same batch, and their meta-losses are
+printed side by side as a correctness check. Rounds alternate ours and the peer in one process;
+medians are reported. Memory: XLA's compiled-program figures (arguments + outputs + temporaries)
+per variant, and on CUDA the peer's ``max_memory_allocated``. The last line is
+``speedup_vs_torch_func=<peer median / ours median>`` for the second-order step without remat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def make_batch(args: argparse.Namespace, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """``episodes`` random episodes (no padding), labels 0..n-1 in blocks, as the sampler makes."""
+  rng = np.random.default_rng(seed)
+  e, n = args.episodes, args.way
+  batch = {}
+  for prefix, per_class in (("support_", args.shot), ("query_", args.query)):
+    m = n * per_class
+    batch[f"{prefix}input_ids"] = rng.integers(1000, min(vocab, 20000), (e, m, args.seq), np.int32)
+    batch[f"{prefix}attention_mask"] = np.ones((e, m, args.seq), np.int32)
+    batch[f"{prefix}token_type_ids"] = np.zeros((e, m, args.seq), np.int32)
+    batch[f"{prefix}labels"] = np.tile(np.repeat(np.arange(n, dtype=np.int32), per_class), (e, 1))
+  batch["classes"] = np.tile(np.arange(n, dtype=np.int32), (e, 1))
+  return batch
+
+
+class Ours:
+  """The meta trainer's step on the meta trainer's state, for one meta-learning variant."""
+
+  def __init__(self, args: argparse.Namespace, *, first_order: bool, remat: bool):
+    from configs import intent_fewshot_maml
+    from research import optim
+    from research.meta.algorithms import MetaLearner, settings_from_config
+    from research.meta.steps import make_meta_step
+    from research.train import parallel
+    from research.train.state import TrainState, build_model, init_fn
+    from research.transfer import graft, hf
+
+    self.name = "ours " + ("first order" if first_order else "second order")
+    self.name += " + remat" if remat else ""
+    config = intent_fewshot_maml.get_config(f"algorithm={'fomaml' if first_order else 'maml'}")
+    config.model.dtype = args.dtype
+    config.meta.update(
+      k_shot=args.shot,
+      q_query=args.query,
+      n_way=args.way,
+      inner_steps=args.inner_steps,
+      remat_inner=remat,
+      head_init="zeros",
+      inner_lr=args.inner_lr,
+    )
+    task = next(iter(config.tasks))
+    model, self.enc = build_model(config, {task: args.way})
+    learner = MetaLearner(model, task, settings_from_config(config.meta))
+    mesh = parallel.make_mesh(config.parallel)
+    init = init_fn(model)
+    rng = jax.random.key_data(jax.random.key(0))
+    tx, _ = optim.build(config.optim, jax.eval_shape(init, rng), 1000)
+    create = lambda r: TrainState.create(init(r), tx, r)
+    shardings = parallel.state_shardings(jax.eval_shape(create, rng), mesh, config.parallel)
+    state = jax.jit(create, out_shardings=shardings)(rng)
+    _, pretrained = hf.load_pretrained(MINILM)
+    params, _ = graft.graft(state.params, pretrained)
+    self.state = state.replace(params=params, opt_state=jax.jit(tx.init)(params))
+    bsharding = parallel.batch_sharding(mesh)
+    self.host_batch = make_batch(args, self.enc.vocab_size)
+    self.batch = parallel.global_batch(self.host_batch, bsharding)
+    step = parallel.compile_train_step(
+      lambda axis: make_meta_step(learner, axis), "jit", mesh, shardings, bsharding
+    )
+    start = time.perf_counter()
+    self.step = step.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - start
+    mem = self.step.memory_analysis()
+    self.memory_bytes = None
+    if mem is not None:
+      self.memory_bytes = sum(
+        int(getattr(mem, f, 0) or 0)
+        for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+      )
+    self.params = params
+
+  def run(self, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      self.state, metrics = self.step(self.state, self.batch)
+    jax.block_until_ready(metrics)
+    self.last_loss = float(metrics["loss"])
+    return (time.perf_counter() - start) / n
+
+
+class TorchFunc:
+  """The same second-order meta-step with ``torch.func`` on transformers' ``BertModel``."""
+
+  name = "torch.func (transformers)"
+
+  def __init__(self, args: argparse.Namespace, host_batch: dict[str, np.ndarray]):
+    import torch
+    import transformers
+
+    from research.transfer import hf
+
+    self.torch, self.args = torch, args
+    torch.manual_seed(0)
+    self.device = "cuda" if torch.cuda.is_available() and args.torch_device != "cpu" else "cpu"
+    model = transformers.BertModel.from_pretrained(
+      str(hf.resolve(MINILM)), add_pooling_layer=False, attn_implementation="eager"
+    )
+    self.model = model.to(self.device).eval()  # eval: no dropout, like ours (dropout 0).
+    hidden = model.config.hidden_size
+    self.params = {f"encoder.{k}": v for k, v in self.model.named_parameters()}
+    self.params["head.weight"] = torch.zeros(args.way, hidden, device=self.device)
+    self.params["head.bias"] = torch.zeros(args.way, device=self.device)
+    for p in self.params.values():
+      p.requires_grad_(True)
+    self.opt = torch.optim.Adam(self.params.values(), lr=2e-5)
+    to = lambda x: torch.from_numpy(x).long().to(self.device)
+    self.episodes = [{k: to(v[e]) for k, v in host_batch.items()} for e in range(args.episodes)]
+    self.memory_bytes = None
+
+  def logits(self, params: dict[str, Any], ep: dict[str, Any], prefix: str):
+    torch = self.torch
+    enc = {k[len("encoder.") :]: v for k, v in params.items() if k.startswith("encoder.")}
+    mask = ep[f"{prefix}attention_mask"]
+    out = torch.func.functional_call(
+      self.model,
+      enc,
+      (ep[f"{prefix}input_ids"],),
+      {"attention_mask": mask, "token_type_ids": ep[f"{prefix}token_type_ids"]},
+    ).last_hidden_state
+    m = mask[..., None].to(out.dtype)
+    pooled = (out * m).sum(1) / m.sum(1).clamp(min=1)
+    return pooled @ params["head.weight"].T + params["head.bias"]
+
+  def meta_loss(self, params: dict[str, Any], ep: dict[str, Any]):
+    torch, lr = self.torch, self.args.inner_lr
+    ce = torch.nn.functional.cross_entropy
+    # The zero trick, as ours: every episode starts from a zero head.
+    fast = {
+      **params,
+      "head.weight": params["head.weight"] * 0,
+      "head.bias": params["head.bias"] * 0,
+    }
+    support = lambda p: ce(self.logits(p, ep, "support_"), ep["support_labels"])
+    for _ in range(self.args.inner_steps):
+      grads = torch.func.grad(support)(fast)
+      fast = {k: fast[k] - lr * grads[k] for k in fast}
+    return ce(self.logits(fast, ep, "query_"), ep["query_labels"])
+
+  def run(self, n: int) -> float:
+    torch = self.torch
+    if self.device == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(n):
+      detached = {k: v.detach() for k, v in self.params.items()}
+      total, losses = None, []
+      for ep in self.episodes:
+        grads, loss = torch.func.grad_and_value(self.meta_loss)(detached, ep)
+        losses.append(loss)
+        total = grads if total is None else {k: total[k] + grads[k] for k in total}
+      for k, p in self.params.items():
+        p.grad = total[k] / len(self.episodes)
+      self.opt.step()
+    self.last_loss = float(sum(losses) / len(losses))
+    if self.device == "cuda":
+      torch.cuda.synchronize()
+      self.memory_bytes = torch.cuda.max_memory_allocated()
+    return (time.perf_counter() - start) / n
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--episodes", type=int, default=4)
+  p.add_argument("--way", type=int, default=5)
+  p.add_argument("--shot", type=int, default=5)
+  p.add_argument("--query", type=int, default=5)
+  p.add_argument("--inner_steps", type=int, default=5)
+  p.add_argument("--inner_lr", type=float, default=0.01)
+  p.add_argument("--seq", type=int, default=32)
+  p.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians over them)")
+  p.add_argument("--steps", type=int, default=1, help="meta-steps per round and side")
+  p.add_argument("--dtype", default="float32", help="compute dtype of ours")
+  p.add_argument("--peer", choices=("torch_func", "none"), default="torch_func")
+  p.add_argument("--torch_device", default="auto", help="'cpu' to keep the peer off the GPU")
+  p.add_argument("--variants", default="second,remat,first", help="which of ours to time")
+  return p.parse_args(argv)
+
+
+def _mib(x: int | None) -> str:
+  return f"{x / 2**20:9.0f}" if x else "      n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  load_before = os.getloadavg()
+  wanted = args.variants.split(",")
+  spec = {"second": (False, False), "remat": (False, True), "first": (True, False)}
+  ours = [Ours(args, first_order=spec[v][0], remat=spec[v][1]) for v in wanted]
+  peer = TorchFunc(args, ours[0].host_batch) if args.peer == "torch_func" else None
+  sides = [*ours, *([peer] if peer is not None else [])]
+  first, first_loss = {}, {}
+  for s in sides:  # Warm-up: our first run, the peer's first step; the same start on each side.
+    first[s.name] = s.run(1)
+    first_loss[s.name] = s.last_loss
+  times: dict[str, list[float]] = {s.name: [] for s in sides}
+  for _ in range(args.rounds):
+    for s in sides:
+      times[s.name].append(s.run(args.steps))
+  load_after = os.getloadavg()
+  dev = jax.devices()[0]
+  print(
+    f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, cpus: {os.cpu_count()}, "
+    f"load avg (1 min) before/after: {load_before[0]:.2f}/{load_after[0]:.2f}"
+  )
+  print(
+    f"meta-step: MiniLM-L6, {args.episodes} episodes of {args.way}-way {args.shot}-shot "
+    f"(+{args.query} query/class), seq {args.seq}, {args.inner_steps} inner steps, "
+    f"dtype {args.dtype}, {args.rounds} rounds x {args.steps} steps"
+  )
+  print(f"{'':34} {'median s/step':>13} {'min':>7} {'memory MiB':>10} {'compile s':>9} {'loss':>8}")
+  for s in sides:
+    ts = times[s.name]
+    compile_s = f"{s.compile_s:9.1f}" if hasattr(s, "compile_s") else "      n/a"
+    print(
+      f"{s.name:34} {statistics.median(ts):13.3f} {min(ts):7.3f} {_mib(s.memory_bytes):>10} "
+      f"{compile_s} {s.last_loss:8.4f}"
+    )
+  print("first run s: " + ", ".join(f"{k} {v:.2f}" for k, v in first.items()))
+  print("first meta-loss (same start): " + ", ".join(f"{k} {v:.5f}" for k, v in first_loss.items()))
+  if peer is None:
+    print(f"meta_steps_per_sec={1 / statistics.median(times[ours[0].name]):.3f}")
+    return 0
+  ref = next((o for o in ours if o.name == "ours second order"), ours[0])
+  speedup = statistics.median(times[peer.name]) / statistics.median(times[ref.name])
+  print(f"speedup_vs_torch_func={speedup:.2f}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
