@@ -47,9 +47,9 @@ def get_config(arg: str | None = None):
   )
   c.optim.update(lr=2e-4, warmup_fraction=0.04, weight_decay=0.01, schedule="linear")
   c.eval.batch_size = 64
-  if arg.cpu:  # What 2 CPU cores train in ~15 minutes per run (see README.md).
+  if arg.cpu:  # The 2-core CPU comparison of README.md: a 2-layer decoder, small batches.
     c.model.decoder_overrides = {"num_layers": 2}
-    c.train.update(steps=600, batch_size=32, log_every=50, eval_every=600, checkpoint_every=600)
+    c.train.update(steps=400, batch_size=16, log_every=25, eval_every=400, checkpoint_every=400)
     c.optim.update(lr=5e-4, warmup_fraction=0.05)
   if arg.smoke:
     c.model.decoder_overrides = {"num_layers": 1}
