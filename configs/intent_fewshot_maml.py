@@ -98,7 +98,7 @@ def get_config(arg: str | None = None):
       valid_episodes=8,
       test_episodes=16,
     )
-    c.train.update(steps=4, log_every=2, eval_every=2, checkpoint_every=2, progress=False)
+    c.train.update(steps=4, log_every=2, eval_every=4, checkpoint_every=2, progress=False)
     c.meta.finetune.steps = 2
   return config_lib.lock(c)
 

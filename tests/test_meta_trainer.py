@@ -7,6 +7,7 @@ committed BANKING77 fixture, 8 episodes per meta-step over the 8 fake CPU device
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -44,10 +45,11 @@ def test_meta_trainer_tiny_runs_and_resumes_exactly(tmp_path, algorithm):
   assert {x["split"] for x in lines} == {"train", "valid", "test"}
   assert all(np.isfinite(x["loss"]) for x in lines if x["split"] == "train")
 
-  # Stopped after 2 steps, then continued to 4: the same trajectory, bitwise.
-  half = tiny(algorithm=algorithm)
-  half.train.steps = 2
-  trainer.train_and_evaluate(half, str(tmp_path / "resumed"))
+  # Killed after step 2: a copy of the run without its step-4 checkpoint resumes to the same
+  # trajectory, bitwise (state, RNG and episode iterator position come from the checkpoint).
+  shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+  shutil.rmtree(tmp_path / "resumed" / "best", ignore_errors=True)
   resumed = trainer.train_and_evaluate(tiny(algorithm=algorithm), str(tmp_path / "resumed"))
   a, _ = ckpt_lib.load_params(tmp_path / "full", prefer="latest")
   b, _ = ckpt_lib.load_params(tmp_path / "resumed", prefer="latest")
