@@ -181,5 +181,16 @@ def test_seq2seq_smoke_variant_runs(tmp_path, shared_data, minilm_dir):
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["steps"] == 10 and "bleu" in results["eval"]["multi30k"]
   assert "grafted from HF checkpoint" in results["init"]
+  # BERT2RND: MiniLM's 101 encoder leaves in, its pooler unused, the decoder and head at init.
   report = (tmp_path / "graft_report.txt").read_text()
-  assert "graft: 101 transferred" in report or "transferred" in report
+  assert "graft: 101 transferred, 32 left at init, 2 unused in source" in report
+
+
+def test_seq2seq_eval_joins_batches_of_different_bucket_widths():
+  from research.train.trainer import _concat
+
+  a, b = np.ones((2, 3), np.int32), np.full((1, 5), 7, np.int32)
+  labels = _concat([a, b], "labels")
+  assert labels.shape == (3, 5) and (labels[:2, 3:] == -100).all() and (labels[2] == 7).all()
+  assert _concat([a, b], "token")[:2, 3:].tolist() == [[0, 0], [0, 0]]
+  assert _concat([np.ones(2), np.zeros(3)], "example_mask").shape == (5,)

@@ -309,6 +309,18 @@ def _tokenizer(config):
   return transformers.AutoTokenizer.from_pretrained(str(hf.resolve(config.model.checkpoint)))
 
 
+def _concat(arrays: list[np.ndarray], key: str) -> np.ndarray:
+  """Batches of per-token arrays padded to the widest bucket ('labels' with -100), then joined."""
+  if arrays[0].ndim < 2:
+    return np.concatenate(arrays)
+  width = max(a.shape[1] for a in arrays)
+  fill = -100 if key == "labels" else 0
+  pad = lambda a: np.pad(
+    a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill
+  )
+  return np.concatenate([pad(a) for a in arrays])
+
+
 class Evaluator:
   """Runs one task's eval split through the jitted eval step; metrics on the host."""
 
@@ -345,7 +357,7 @@ class Evaluator:
       preds.append(p)
       golds.append(g)
       total, weight = total + float(t), weight + float(w)
-    cat = lambda xs: {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
+    cat = lambda xs: {k: _concat([x[k] for x in xs], k) for k in xs[0]}
     out = self.module.metrics(cat(preds), cat(golds), self.label_names)
     out["loss"] = total / max(weight, 1.0)
     if hasattr(self.module, "make_evaluate"):  # e.g. seq2seq: decode, then BLEU.
