@@ -8,24 +8,40 @@ kernel``); research.transfer.hf maps them to and from the HF names.
 Precision: ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the weights, so
 bf16 compute with fp32 master weights is ``dtype=bfloat16, param_dtype=float32``. LayerNorm
 and the attention softmax always run in fp32.
+
+Speed (what the train step spends its time on, measured on CPU and kept cheap everywhere):
+query, key and value are one matmul against their concatenated kernels (the parameters stay
+three ``Dense`` kernels); the attention scale is folded into the queries and the padding mask is
+an additive bias; exact GELU uses ``erf`` (XLA lowers ``erfc`` far more expensively); dropout
+masks come from a counter-based hash of the element index instead of threefry (see
+:func:`dropout`), which is several times cheaper and gives the same masks however the batch
+is sharded.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from research.models.config import EncoderConfig
 
 Array = jax.Array
 Dtype = Any
 
+
+def gelu_exact(x: Array) -> Array:
+  """``x * Phi(x)`` through ``erf``, as PyTorch computes it (jax.nn.gelu goes through erfc)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1 / math.sqrt(2))).astype(x.dtype))
+
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu": gelu_exact,
   "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
   "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
   "relu": jax.nn.relu,
@@ -37,6 +53,46 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 def dense_init(std: float = 0.02) -> nn.initializers.Initializer:
   """BERT's truncated-normal-like init (HF uses a plain normal with std 0.02)."""
   return nn.initializers.normal(stddev=std)
+
+
+def _hash32(x: Array) -> Array:
+  """``lowbias32`` (C. Wellons): a bijective 32-bit integer mix with good avalanche."""
+  x = x ^ (x >> 16)
+  x = x * np.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * np.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _element_index(shape: tuple[int, ...]) -> Array:
+  """The row-major index of every element (mod 2**32), built from iotas so that XLA's SPMD
+  partitioner gives each shard its global indices (a reshaped 1-D iota would not)."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride % 2**32)
+    stride *= shape[dim]
+  return index
+
+
+def dropout(module: nn.Module, x: Array, rate: float, deterministic: bool) -> Array:
+  """Inverted dropout with masks from a counter-based hash (not threefry).
+
+  Each call draws two 32-bit seeds from ``module.make_rng('dropout')`` and keeps element ``i``
+  when ``hash(hash(i ^ s0) + s1) >= rate * 2**32``. On CPU threefry's bit generation cost more
+  than the attention matmuls it feeds; this is a handful of integer ops that fuse into the
+  consumer. The mask depends only on the key and the element's global index, so a sharded
+  batch gets exactly the masks of the unsharded one. (Per-device modes fold the device index
+  into the key instead; see research.train.steps.)
+  """
+  if deterministic or rate == 0.0:
+    return x
+  if rate >= 1.0:
+    return jnp.zeros_like(x)
+  seeds = jax.random.bits(module.make_rng("dropout"), (2,), jnp.uint32)
+  bits = _hash32(_hash32(_element_index(x.shape) ^ seeds[0]) + seeds[1])
+  keep = bits >= np.uint32(min(round(rate * 2**32), 2**32 - 1))
+  return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
 def layer_norm(x: Array, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> Array:
@@ -74,7 +130,7 @@ class Embeddings(nn.Module):
         token_type_ids = jnp.zeros_like(input_ids)
       x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
     x = layer_norm(x, cfg.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm")
-    x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    x = dropout(self, x, cfg.hidden_dropout, deterministic)
     if cfg.embedding_size is not None:
       x = nn.Dense(
         cfg.hidden_size,
@@ -94,6 +150,23 @@ def position_ids(input_ids: Array, cfg: EncoderConfig) -> Array:
   return jnp.broadcast_to(jnp.arange(input_ids.shape[-1], dtype=jnp.int32), input_ids.shape)
 
 
+class DenseParams(nn.Module):
+  """The ``kernel`` and ``bias`` of an ``nn.Dense``, created exactly as it creates them.
+
+  Lets a caller combine several projections into one matmul while each keeps its own
+  parameter path (``attention/query/kernel``, ...), init and HF mapping.
+  """
+
+  features: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[Array, Array]:
+    kernel = self.param("kernel", dense_init(), (in_features, self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    return kernel, bias
+
+
 class SelfAttention(nn.Module):
   """Multi-head attention with a key padding mask; fp32 softmax, dropout on the weights."""
 
@@ -101,28 +174,40 @@ class SelfAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def _project(self, x: Array, names: tuple[str, ...]) -> list[Array]:
+    """``x @ [W_a | W_b | ...] + [b_a | ...]`` as one matmul, split into [B, T, N, H] heads."""
+    cfg = self.config
+    params = [DenseParams(cfg.hidden_size, self.param_dtype, name=n)(x.shape[-1]) for n in names]
+    kernel = jnp.concatenate([k for k, _ in params], axis=1).astype(self.dtype)
+    bias = jnp.concatenate([b for _, b in params]).astype(self.dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel) + bias
+    y = y.reshape(*y.shape[:-1], len(names), cfg.num_heads, cfg.head_dim)
+    return [y[..., i, :, :] for i in range(len(names))]
+
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool, kv: Array | None = None) -> Array:
     """``mask`` is [B, 1|T, S] (1 = attend); ``kv`` switches to cross-attention."""
     cfg = self.config
-    dense = lambda name: nn.Dense(
+    if kv is None:
+      q, k, v = self._project(x, ("query", "key", "value"))
+    else:
+      (q,) = self._project(x, ("query",))
+      k, v = self._project(kv, ("key", "value"))
+    q = q * jnp.asarray(1.0 / math.sqrt(cfg.head_dim), q.dtype)
+    logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32)
+    # Additive bias: fuses into the softmax; a large finite value keeps fully padded rows finite.
+    bias = jnp.where(mask.astype(bool), 0.0, jnp.float32(-1e30))
+    weights = jax.nn.softmax(logits + bias[:, None, :, :], axis=-1).astype(self.dtype)
+    weights = dropout(self, weights, cfg.attention_dropout, deterministic)
+    out = jnp.einsum("bnqk,bknh->bqnh", weights, v)
+    out = out.reshape(*out.shape[:-2], cfg.hidden_size)
+    return nn.Dense(
       cfg.hidden_size,
       kernel_init=dense_init(),
       dtype=self.dtype,
       param_dtype=self.param_dtype,
-      name=name,
-    )
-    kv = x if kv is None else kv
-    split = lambda t: t.reshape(*t.shape[:-1], cfg.num_heads, cfg.head_dim)
-    q, k, v = split(dense("query")(x)), split(dense("key")(kv)), split(dense("value")(kv))
-    logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(cfg.head_dim))
-    big_neg = jnp.finfo(jnp.float32).min
-    logits = jnp.where(mask[:, None, :, :].astype(bool), logits, big_neg)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(cfg.attention_dropout)(weights, deterministic=deterministic)
-    out = jnp.einsum("bnqk,bknh->bqnh", weights, v)
-    return dense("output")(out.reshape(*out.shape[:-2], cfg.hidden_size))
+      name="output",
+    )(out)
 
 
 class FeedForward(nn.Module):
@@ -142,19 +227,28 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-  """Post-LN Transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+  """Post-LN Transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)).
+
+  With ``first_only`` the layer computes position 0 alone (its query attends to every key):
+  what a last layer owes a head that reads only the first token.
+  """
 
   config: EncoderConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, deterministic: bool, first_only: bool = False) -> Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    drop = lambda h: nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    drop = lambda h: dropout(self, h, cfg.hidden_dropout, deterministic)
     norm = lambda h, name: layer_norm(h, cfg.layer_norm_eps, self.dtype, self.param_dtype, name)
-    h = SelfAttention(cfg, name="attention", **kw)(x, mask, deterministic)
+    attention = SelfAttention(cfg, name="attention", **kw)
+    if first_only:
+      h = attention(x[:, :1], mask, deterministic, kv=x)
+      x = x[:, :1]
+    else:
+      h = attention(x, mask, deterministic)
     x = norm(x + drop(h), "attention_norm")
     h = FeedForward(cfg, name="ffn", **kw)(x)
     return norm(x + drop(h), "output_norm")
@@ -162,6 +256,10 @@ class EncoderLayer(nn.Module):
 
 class Encoder(nn.Module):
   """The encoder. Returns ``{'hidden_states': [B,T,D], 'pooled': [B,D] | None}``.
+
+  ``first_token_only=True`` is for callers that read only position 0 (a 'cls' or 'pooler'
+  head): the last layer then computes that position alone and ``hidden_states`` is [B,1,D],
+  which saves most of a layer (its FFN, output projection and T-1 queries).
 
   Attributes:
     config: the architecture.
@@ -182,6 +280,7 @@ class Encoder(nn.Module):
     token_type_ids: Array | None = None,
     *,
     deterministic: bool = True,
+    first_token_only: bool = False,
   ) -> dict[str, Array | None]:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -189,9 +288,10 @@ class Encoder(nn.Module):
       attention_mask = jnp.ones_like(input_ids)
     x = Embeddings(cfg, name="embeddings", **kw)(input_ids, token_type_ids, deterministic)
     mask = attention_mask[:, None, :]  # [B, 1, S]: every query sees the non-padded keys.
-    layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
+    layer_cls = nn.remat(EncoderLayer, static_argnums=(3, 4)) if self.remat else EncoderLayer
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layer_{i}", **kw)(x, mask, deterministic)
+      last = first_token_only and i == cfg.num_layers - 1
+      x = layer_cls(cfg, name=f"layer_{i}", **kw)(x, mask, deterministic, last)
     pooled = None
     if cfg.use_pooler:
       pooled = nn.Dense(cfg.hidden_size, kernel_init=dense_init(), name="pooler", **kw)(x[:, 0])

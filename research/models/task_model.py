@@ -73,10 +73,20 @@ class TaskModel(nn.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    features = Encoder(self.encoder, remat=self.remat, name="encoder", **kw)(
-      input_ids, attention_mask, token_type_ids, deterministic=deterministic
-    )
     tasks = self.task_names if tasks is None else tuple(tasks)
+    # Heads that read only position 0 let the encoder's last layer skip the other positions.
+    configs = dict(self.heads)
+    first_only = all(
+      t in configs and configs[t].kind != "tagging" and configs[t].pooling in ("pooler", "cls")
+      for t in tasks
+    )
+    features = Encoder(self.encoder, remat=self.remat, name="encoder", **kw)(
+      input_ids,
+      attention_mask,
+      token_type_ids,
+      deterministic=deterministic,
+      first_token_only=first_only,
+    )
     return Heads(self.heads, name="heads", **kw)(features, attention_mask, tasks, deterministic)
 
 

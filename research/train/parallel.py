@@ -1,9 +1,22 @@
 """Devices: the mesh, the shardings of state and batches, and multi-host start-up.
 
-The default parallel mode is ``jit`` over a ``jax.sharding.Mesh`` with a ``data`` axis: the
-batch is split along it, params and optimizer state are replicated (``fsdp`` shards them by
-path rules). Axis types are ``Auto``: shardings are given at the jit boundary and XLA
-propagates them, which is what the train step needs (no per-op annotations).
+Modes (``config.parallel.mode``), one step body for all of them:
+
+- ``jit`` (default): one program over a ``jax.sharding.Mesh`` with axes ``(data, fsdp)``. The
+  batch is split over every device; params and optimizer state are replicated, or with
+  ``parallel.fsdp=k`` split k ways along the ``fsdp`` axis by the path rules
+  ``parallel.fsdp_rules`` (the rule format of freezing: ``(regex, True)``, first match wins).
+  XLA's SPMD partitioner inserts the all-gathers and reduce-scatters.
+- ``pmap``: the classic data-parallel program, written as ``shard_map`` under ``jit`` (what
+  ``jax.pmap`` lowers to in current JAX): every device runs the step on its rows with a
+  replicated state, and the step ``psum``-s summed losses, weights and gradients over the
+  mesh axes before the (replicated) optimizer update.
+
+Axis types are ``Auto`` on purpose (``jax.make_mesh`` would default to ``Explicit``): shardings
+are given at the jit boundary and XLA propagates them, so the model code needs no per-op
+sharding annotations. Multi-host runs call :func:`maybe_initialize_distributed` first; the
+mesh then spans every process's devices and each process feeds its own rows of the global
+batch (:func:`global_batch`).
 """
 
 from __future__ import annotations
@@ -14,8 +27,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp")
+MODES = ("jit", "pmap")
 
 
 def maybe_initialize_distributed(cfg: ml_collections.ConfigDict | None) -> None:
@@ -35,22 +51,36 @@ def maybe_initialize_distributed(cfg: ml_collections.ConfigDict | None) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def make_mesh(cfg: ml_collections.ConfigDict | None = None) -> Mesh:
-  """A ``(data, fsdp)`` mesh over all devices; ``parallel.fsdp`` devices on the fsdp axis."""
+def make_mesh(cfg: ml_collections.ConfigDict | None = None, devices=None) -> Mesh:
+  """A ``(data, fsdp)`` mesh with ``parallel.fsdp`` devices on the fsdp axis.
+
+  Args:
+    cfg: ``config.parallel`` (``fsdp``, ``mode``); None for plain data parallelism.
+    devices: the devices to use (default: every device of every process).
+
+  Raises:
+    ValueError: fsdp does not divide the device count, or fsdp > 1 with mode 'pmap'
+      (which replicates the state by definition).
+  """
   fsdp = int(cfg.get("fsdp", 1)) if cfg is not None else 1
-  n = jax.device_count()
-  if n % fsdp:
+  mode = cfg.get("mode", "jit") if cfg is not None else "jit"
+  if mode == "pmap" and fsdp > 1:
+    raise ValueError("parallel.mode='pmap' replicates the state; use mode='jit' for fsdp")
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if fsdp < 1 or n % fsdp:
     raise ValueError(f"parallel.fsdp={fsdp} does not divide the {n} devices")
-  devices = np.asarray(jax.devices()).reshape(n // fsdp, fsdp)
-  return Mesh(devices, ("data", "fsdp"))
+  grid = np.asarray(devices).reshape(n // fsdp, fsdp)
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batch rows split over every device (both mesh axes)."""
-  return NamedSharding(mesh, P(("data", "fsdp")))
+  return NamedSharding(mesh, P(AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A value every device holds whole."""
   return NamedSharding(mesh, P())
 
 
@@ -60,16 +90,33 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> None:
+  """Raises ValueError unless ``batch_size`` rows split evenly over the mesh's devices."""
   if batch_size % mesh.size:
     raise ValueError(f"{what}={batch_size} must divide by the {mesh.size} devices of the mesh")
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, cfg: ml_collections.ConfigDict | None = None):
-  """Shardings for every leaf of the state: replicated, or fsdp-sharded by path rules."""
+  """Shardings for every leaf of the state (params, optimizer moments, counters).
+
+  A leaf whose path matches ``cfg.fsdp_rules`` is split along its largest dimension that the
+  fsdp axis divides (replicated when none does); every other leaf is replicated. Optimizer
+  moments have the paths of their params under ``opt_state/...``, so the rules (``.*kernel``)
+  shard them alike. With an fsdp axis of 1, or mode 'pmap', everything is replicated.
+
+  Args:
+    abstract_state: the state's shapes (``jax.eval_shape``) or the state itself.
+    mesh: from :func:`make_mesh`.
+    cfg: ``config.parallel``.
+
+  Returns:
+    A pytree of NamedShardings shaped like ``abstract_state``.
+  """
   from research import paths
 
   rules = [tuple(r) for r in (cfg.get("fsdp_rules", ()) if cfg is not None else ())]
   fsdp = mesh.shape["fsdp"]
+  if cfg is not None and cfg.get("mode", "jit") == "pmap":
+    fsdp = 1
 
   def spec(path: str, leaf: Any) -> NamedSharding:
     shape = getattr(leaf, "shape", ())
@@ -86,7 +133,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, cfg: ml_collections.ConfigD
 
 
 def compile_train_step(
-  make_step: Callable[[str | None], Callable],
+  make_step: Callable[[Any], Callable],
   mode: str,
   mesh: Mesh,
   state_sharding: Any,
@@ -95,16 +142,44 @@ def compile_train_step(
   """The train step compiled for ``parallel.mode``, donating the state.
 
   Args:
-    make_step: ``axis_name -> step``; ``None`` for jit (XLA partitions the global step),
-      an axis name for per-device modes that reduce with ``psum``.
-    mode: 'jit' (default).
-    mesh, state_sharding, batch_sharding_: where state and batches live.
+    make_step: ``axis_name -> step``; ``None`` for jit (XLA partitions the global step), the
+      mesh's axis names for 'pmap', whose per-device step reduces with ``psum`` over them.
+    mode: 'jit' (default) or 'pmap'.
+    mesh: the device mesh (:func:`make_mesh`).
+    state_sharding: shardings of the state (:func:`state_shardings`; replicated for 'pmap').
+    batch_sharding_: the batch's sharding (:func:`batch_sharding`).
+
+  Returns:
+    ``step(state, batch) -> (state, metrics)``, jitted; metrics come back replicated.
+
+  Raises:
+    ValueError: an unknown mode, or a sharded state under 'pmap'.
   """
+  out_shardings = (state_sharding, replicated(mesh))
   if mode == "jit":
     return jax.jit(
       make_step(None),
       in_shardings=(state_sharding, batch_sharding_),
-      out_shardings=(state_sharding, replicated(mesh)),
+      out_shardings=out_shardings,
       donate_argnums=(0,),
     )
-  raise ValueError(f"parallel.mode={mode!r}: expected 'jit'")
+  if mode == "pmap":
+    if any(not s.is_fully_replicated for s in jax.tree.leaves(state_sharding)):
+      raise ValueError("parallel.mode='pmap' needs a replicated state (fsdp=1)")
+    # check_vma=False: the step reduces explicitly with psum. With vma checking on, JAX would
+    # also insert a psum when differentiating the (replicated) params against per-device
+    # losses, and the step's own psum would then count every device's gradient n times.
+    per_device = jax.shard_map(
+      make_step(mesh.axis_names),
+      mesh=mesh,
+      in_specs=(P(), batch_sharding_.spec),
+      out_specs=(P(), P()),
+      check_vma=False,
+    )
+    return jax.jit(
+      per_device,
+      in_shardings=(state_sharding, batch_sharding_),
+      out_shardings=out_shardings,
+      donate_argnums=(0,),
+    )
+  raise ValueError(f"parallel.mode={mode!r}: expected one of {MODES}")

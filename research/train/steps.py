@@ -74,6 +74,8 @@ def make_train_step(
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if axis_name is not None:  # Per-device modes: each device draws its own dropout masks.
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     if grad_accum == 1:
       (total, weight), grads = grad_fn(state.params, batch, rng)
     else:
