@@ -22,7 +22,7 @@ data:
 
 test: $(STAMP) data
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=15 tests
 
 test-slow: $(STAMP) data
 	$(BIN)/python -m pytest -q -m "slow and not gpu" tests
