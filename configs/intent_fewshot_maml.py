@@ -23,8 +23,9 @@ committed BANKING77 fixture, 3-way 1-shot; for tests).
 Measured so far (2 shared CPU cores, NOT the full experiment): BANKING77 5-way 1-shot, 48
 meta-test episodes (not 600), 15 meta-steps of 2 episodes, 3 inner steps (5 at test), max_length
 32, head_init=proto; accuracy ± 95% CI: MAML 82.2 ± 2.8, FOMAML 82.2 ± 2.8, ANIL 82.2 ± 2.8,
-ProtoNet 78.5 ± 3.1, fine-tuning (15 Adam steps, lr 5e-4) 80.4 ± 3.5. With a proto head at 1-shot
-the support loss is ~0, so the inner loop barely moves and MAML/FOMAML/ANIL coincide.
+Reptile 79.3 ± 3.1, ProtoNet 78.5 ± 3.1, fine-tuning (15 Adam steps, lr 5e-4) 80.4 ± 3.5.
+With a proto head at 1-shot the support loss is ~0, so the inner loop barely moves and
+MAML/FOMAML/ANIL coincide.
 """
 
 from research import config_lib
