@@ -160,6 +160,7 @@ def test_seq2seq_predict_mode_translates_line_by_line(tiny_run, tmp_path):
   assert records[1] == {"line": 2, "text": "", "error": "empty line"}
 
 
+@pytest.mark.slow  # 298 s on the 2 shared cores (load ~12): over the default suite's budget.
 def test_seq2seq_smoke_variant_runs(tmp_path, shared_data, minilm_dir):
   """The smoke variant: real MiniLM, real Multi30k, BERT2RND, a few steps, greedy BLEU."""
   if not (shared_data / "multi30k").is_dir():
