@@ -193,7 +193,7 @@ class PyTorch:
       loss.backward()
       torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
       self.opt.step()
-    self.last_loss = float(loss)
+    self.last_loss = loss.item()
     return (time.perf_counter() - start) / n
 
 
