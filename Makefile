@@ -41,3 +41,9 @@ demo: $(STAMP) data
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+.PHONY: venv-flax4
+venv-flax4:  # transformers-4.57 Flax peer for: python -m research.bench.train_step --peer=flax4
+	test -x .venv-flax4/bin/python || $(PY) -m venv .venv-flax4
+	.venv-flax4/bin/python -m pip install -q --upgrade pip
+	.venv-flax4/bin/python -m pip install -q "transformers==4.57.*" jax flax optax
