@@ -15,10 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from research.meta.algorithms import MetaLearner
 from research.train.state import TrainState
+from research.train.steps import apply_if_finite
 
 Batch = dict[str, jax.Array]
 
@@ -56,19 +56,8 @@ def make_meta_step(
     grads, aux = meta_gradient(learner, state.params, batch)
     if axis_name is not None:
       grads, aux = jax.lax.pmean((grads, aux), axis_name)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
-    new_state = state.replace(
-      step=state.step + 1,
-      params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
-      nonfinite_streak=streak,
-      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-    )
+    new_state, finite, grad_norm = apply_if_finite(state, grads, aux["loss"])
+    streak = new_state.nonfinite_streak
     episodes = batch["support_labels"].shape[0]
     metrics = {
       **aux,

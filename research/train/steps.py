@@ -43,6 +43,29 @@ def apply_model(model: TaskModel, params, batch: Batch, task: str, rng=None) -> 
   return out[task]
 
 
+def apply_if_finite(
+  state: TrainState, grads: Any, loss: jax.Array
+) -> tuple[TrainState, jax.Array, jax.Array]:
+  """One optimizer update, skipped when the loss or the gradient norm is not finite.
+
+  Returns ``(new state, finite, grad_norm)``; a skipped step keeps params and optimizer state
+  and raises the non-finite counters.
+  """
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=keep(params, state.params),
+    opt_state=keep(opt_state, state.opt_state),
+    nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+    nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+  )
+  return new_state, finite, grad_norm
+
+
 def make_train_step(
   model: TaskModel,
   task: str,
@@ -95,19 +118,8 @@ def make_train_step(
     denom = jnp.maximum(weight, 1.0)
     loss = total / denom
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
-    new_state = state.replace(
-      step=state.step + 1,
-      params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
-      nonfinite_streak=streak,
-      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-    )
+    new_state, finite, grad_norm = apply_if_finite(state, grads, loss)
+    streak = new_state.nonfinite_streak
     metrics = {
       "loss": jnp.where(finite, loss, jnp.nan),
       "grad_norm": grad_norm,
