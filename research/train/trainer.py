@@ -1,12 +1,15 @@
-"""``train_and_evaluate(config, workdir)``: the training loop of one experiment.
+"""``train_and_evaluate(config, workdir)``: the training loop of one experiment (one task or more).
 
 One readable loop: build the model, find its first parameters (resume order: the workdir's own
 checkpoint -> ``resume_from`` -> ``init_from`` / pretrained graft -> scratch), build the optax
-chain, then run a jitted, donated train step over prefetched, sharded batches. The host reads
-device values only every ``train.log_every`` steps. Evaluations write metrics and keep the best
-params; checkpoints hold the state and the input position so a killed run resumes on the same
-trajectory. The run directory ends up with config.json, optim_summary.txt, graft_report.txt,
-metrics.jsonl, tb/, checkpoints/, best/ and results.json.
+chain, then run a jitted, donated train step over prefetched, sharded batches. With several
+tasks (one head each) every step trains the task that :mod:`research.train.multitask` schedules
+for it, with that task's jitted step on the one shared state; one task is the case N = 1. The
+host reads device values only every ``train.log_every`` steps. Evaluations (every task) write
+metrics and keep the best params; checkpoints hold the state and every task's input position so
+a killed run resumes on the same trajectory. The run directory ends up with config.json,
+labels.json, optim_summary.txt, graft_report.txt, metrics.jsonl, tb/, checkpoints/, best/ and
+results.json.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 from research import optim, paths
 from research import tasks as task_lib
 from research.train import checkpoints as ckpt_lib
-from research.train import parallel
+from research.train import multitask, parallel
 from research.train.metrics import MetricWriter
 from research.train.state import TrainState, build_model, init_fn, init_plan
 from research.train.steps import make_eval_step, make_train_step
@@ -41,7 +44,8 @@ class Prefetcher:
   """Puts the next ``depth`` batches on device ahead of the step, remembering input positions.
 
   ``state()`` is the input iterator position *before* the first batch not yet handed out, which
-  is what a checkpoint after the current step must hold.
+  is what a checkpoint after the current step must hold. With ``stop``, no batch of step
+  ``stop`` or later is read.
   """
 
   def __init__(
@@ -51,13 +55,16 @@ class Prefetcher:
     depth: int = 2,
     hook: Callable[[int, dict], dict] | None = None,
     start_step: int = 0,
+    stop: int | None = None,
   ):
     self._it, self._put, self._depth, self._hook = it, put, depth, hook
     self._queue: collections.deque = collections.deque()
-    self._next_step = start_step
+    self._next_step, self._stop = start_step, stop
 
   def _fill(self) -> None:
     while len(self._queue) < self._depth:
+      if self._stop is not None and self._next_step + len(self._queue) >= self._stop:
+        return
       position = self._it.get_state()
       batch = next(self._it)
       if self._hook is not None:
@@ -74,10 +81,11 @@ class Prefetcher:
 
 
 def _single_task(config) -> tuple[str, ml_collections.ConfigDict]:
+  """The one task of a trainer that trains one (the meta-learning trainer)."""
   if len(config.tasks) != 1:
     raise ValueError(
       f"this trainer trains one task; config.tasks has {sorted(config.tasks)} "
-      "(use research.train.multitask for several)"
+      "(research.train.trainer trains several)"
     )
   return next(iter(config.tasks.items()))
 
@@ -124,13 +132,12 @@ def train_and_evaluate(
   is_main = jax.process_index() == 0
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-  task, task_cfg = _single_task(config)
-  kind = task_cfg.kind
-  tcfg = config.train
-  labels = input_pipeline.label_names(task_cfg.data)
+  tasks, tcfg = dict(config.tasks), config.train
+  mt = multitask.settings(config)
+  labels = {task: input_pipeline.label_names(t.data) for task, t in tasks.items()}
   if is_main:  # Predict mode reads the label names from here, without the data set.
-    (workdir / "labels.json").write_text(json.dumps({task: labels}, indent=2) + "\n")
-  model, _ = build_model(config, {task: len(labels)})
+    (workdir / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+  model, _ = build_model(config, {task: len(names) for task, names in labels.items()})
   mesh = parallel.make_mesh(config.get("parallel"))
   parallel.check_batch_size(tcfg.batch_size, mesh)
   if tcfg.batch_size % tcfg.grad_accum:
@@ -196,46 +203,63 @@ def train_and_evaluate(
   # --- Data and steps. --------------------------------------------------------------------
   bsharding = parallel.batch_sharding(mesh)
   put = lambda b: parallel.global_batch(b, bsharding)
-  batches = None
-  if start_step < tcfg.steps:  # An evaluation-only run (steps=0) reads no training data.
-    train_it = input_pipeline.build_iterator(
-      task_cfg.data,
-      _tokenizer(config),
-      task_cfg.data.splits.train,
-      batch_size=tcfg.batch_size,
-      train=True,
-      seed=config.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+  batches, order = None, np.zeros([0], np.int32)
+  if tcfg.steps:  # An evaluation-only run (steps=0) reads no training data.
+    tokenizer = _tokenizer(config)
+    train_its = {
+      task: input_pipeline.build_iterator(
+        t.data,
+        tokenizer,
+        t.data.splits.train,
+        batch_size=tcfg.batch_size,
+        train=True,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      )
+      for task, t in tasks.items()
+    }
+    sizes = {task: it.num_examples for task, it in train_its.items()}
+    probs = multitask.task_probs(sizes, mt["sampling"], mt["temperature"], mt["weights"])
+    # Which task each step trains: a pure function of the config, recomputed on resume.
+    order = multitask.schedule(
+      probs, tcfg.steps, config.seed, mt["block"], round_robin=mt["sampling"] == "round_robin"
     )
+    if len(tasks) > 1:
+      writer.print(
+        f"tasks ({mt['sampling']} sampling): "
+        + ", ".join(f"{t} p={probs[t]:.3f} ({sizes[t]} examples)" for t in tasks)
+      )
+    mixture = multitask.Mixture(train_its, order, start_step)
     if data_state:
-      train_it.set_state(data_state)
-    batches = Prefetcher(train_it, put, hook=batch_hook, start_step=start_step)
+      mixture.set_state(data_state)
+    batches = Prefetcher(mixture, put, hook=batch_hook, start_step=start_step, stop=tcfg.steps)
   replicated = parallel.replicated(mesh)
-  train_step = parallel.compile_train_step(
-    lambda axis: make_train_step(
-      model, task, kind, tcfg.grad_accum, axis, loss_options=task_cfg.get("loss")
-    ),
-    config.parallel.mode,
-    mesh,
-    shardings,
-    bsharding,
-  )
-  eval_step = jax.jit(
-    make_eval_step(model, task, kind),
-    in_shardings=(shardings.params, bsharding),
-    out_shardings=replicated,
-  )
-  evaluator = Evaluator(task, kind, task_cfg, config, put, eval_step, model=model)
+  train_steps, evaluators = [], {}
+  for task, t in tasks.items():
+    make = lambda axis, task=task, t=t: _task_step(
+      make_train_step(model, task, t.kind, tcfg.grad_accum, axis, loss_options=t.get("loss")),
+      mt["loss_weights"].get(task, 1.0),
+    )
+    train_steps.append(
+      parallel.compile_train_step(make, config.parallel.mode, mesh, shardings, bsharding)
+    )
+    eval_step = jax.jit(
+      make_eval_step(model, task, t.kind),
+      in_shardings=(shardings.params, bsharding),
+      out_shardings=replicated,
+    )
+    evaluators[task] = Evaluator(task, t.kind, t, config, put, eval_step, model=model)
 
   # --- The loop. --------------------------------------------------------------------------
+  names = list(tasks)
   pending: list[dict] = []
   last_eval: dict[str, dict] = {}
   train_time, trained_examples, t_log = 0.0, 0.0, None
   patience = tcfg.get("nonfinite_patience", 5)
   schedule = optim.lr_schedule(config.optim, tcfg.steps)
   for step in range(start_step, tcfg.steps):
-    state, metrics = train_step(state, next(batches))
+    state, metrics = train_steps[order[step]](state, next(batches))
     pending.append(metrics)
     done = step + 1
     if done % tcfg.log_every == 0 or done == tcfg.steps:
@@ -245,14 +269,19 @@ def train_and_evaluate(
       if t_log is not None:
         train_time += now - t_log
         trained_examples += float(sum(m["examples"] for m in host))
-      losses = [m["loss"] for m in host if np.isfinite(m["loss"])]
       record = {
-        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "loss": _finite_mean([m["loss"] for m in host]),
         "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
         "lr": float(schedule(done - 1)),
         "nonfinite_total": int(host[-1]["nonfinite_total"]),
       }
       first = done - len(host) + 1
+      if len(tasks) > 1:  # Each task's mean loss over its steps in this window.
+        window = order[first - 1 : done]
+        for i in sorted(set(window.tolist())):
+          record[f"{names[i]}/loss"] = _finite_mean(
+            [m["loss"] for m, j in zip(host, window) if j == i]
+          )
       skipped = [first + i for i, m in enumerate(host) if m["nonfinite_streak"]]
       writer.write(done, "train", record)
       writer.advance(len(host), loss=record["loss"])
@@ -271,14 +300,7 @@ def train_and_evaluate(
       t_log = time.time()
     if tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.steps):
       t_eval = time.time()
-      last_eval[task] = evaluator(state.params)
-      scalars = paths.flatten(last_eval[task])  # Nested breakdowns become "per_type/PER/f1".
-      writer.write(done, "eval", {"task": task, **scalars})
-      writer.print(
-        f"step {done}: eval {task} "
-        + " ".join(f"{k}={v:.4f}" for k, v in last_eval[task].items() if isinstance(v, float))
-      )
-      ckpts.save_best(done, state.params, {f"{task}/{k}": float(v) for k, v in scalars.items()})
+      last_eval = _evaluate(evaluators, state.params, done, writer, ckpts)
       if t_log is not None:
         t_log += time.time() - t_eval  # Evaluation time is not training time.
     if tcfg.checkpoint_every and (done % tcfg.checkpoint_every == 0 or done == tcfg.steps):
@@ -287,11 +309,12 @@ def train_and_evaluate(
   ckpts.close()
   writer.close()
   if not last_eval and (tcfg.eval_every or tcfg.steps == 0):  # steps=0: evaluate only.
-    last_eval[task] = evaluator(state.params)
+    last_eval = {task: evaluator(state.params) for task, evaluator in evaluators.items()}
   results = {
     "config": config.get("experiment", ""),
-    "tasks": [task],
+    "tasks": names,
     "steps": int(tcfg.steps),
+    "task_steps": {t: int(n) for t, n in zip(names, np.bincount(order, minlength=len(names)))},
     "eval": last_eval,
     "train_examples_per_sec": trained_examples / train_time if train_time else None,
     "wall_s": time.time() - t_start,
@@ -301,6 +324,40 @@ def train_and_evaluate(
   if is_main:
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   return results
+
+
+def _finite_mean(values: list) -> float:
+  finite = [v for v in values if np.isfinite(v)]
+  return float(np.mean(finite)) if finite else float("nan")
+
+
+def _task_step(step: Callable, loss_weight: float) -> Callable:
+  """``step`` with the task's loss multiplied by ``loss_weight`` (an optimizer on scaled
+  gradients, same optimizer state); the step itself when the weight is 1."""
+  if loss_weight == 1.0:
+    return step
+
+  def weighted(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    new, metrics = step(state.replace(tx=multitask.weighted_tx(state.tx, loss_weight)), batch)
+    return new.replace(tx=state.tx), metrics
+
+  return weighted
+
+
+def _evaluate(evaluators: dict, params, step: int, writer: MetricWriter, ckpts) -> dict:
+  """Every task's metrics: one eval event per task; the best params by any task's metric."""
+  out, scores = {}, {}
+  for task, evaluator in evaluators.items():
+    out[task] = evaluator(params)
+    scalars = paths.flatten(out[task])  # Nested breakdowns become "per_type/PER/f1".
+    writer.write(step, "eval", {"task": task, **scalars})
+    writer.print(
+      f"step {step}: eval {task} "
+      + " ".join(f"{k}={v:.4f}" for k, v in out[task].items() if isinstance(v, float))
+    )
+    scores.update({f"{task}/{k}": float(v) for k, v in scalars.items()})
+  ckpts.save_best(step, params, scores)
+  return out
 
 
 def _tokenizer(config):
