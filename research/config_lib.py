@@ -55,6 +55,16 @@ def base_config() -> ml_collections.ConfigDict:
     graft_rules=(("encoder/(.*)", r"encoder/\1"),),
     reinit_on_mismatch=(),
     strict_graft=False,
+    # Parameter-efficient transfer (research.transfer.peft); method 'none' trains everything.
+    peft=dict(
+      method="none",  # 'none' | 'lora' | 'adapters' | 'bitfit'
+      lora_rank=8,
+      lora_alpha=16.0,  # The LoRA update is A @ B * lora_alpha / lora_rank.
+      lora_dropout=0.0,
+      lora_targets=(r"encoder/layer_\d+/attention/(query|value)",),  # Module path regexes.
+      adapter_size=64,
+      adapter_placement="houlsby",  # 'houlsby' (after attention and FFN) | 'pfeiffer' (FFN)
+    ),
   )
   c.init_from = ""  # another run's workdir or an HF checkpoint to graft from (see DESIGN.md).
   c.resume_from = ""  # another run's workdir to resume exactly (state + input position).

@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+  from research.transfer.peft import PeftConfig
 
 # model_type -> family. The family decides the HF weight names and a few architectural details.
 FAMILIES = {
@@ -47,6 +50,8 @@ class EncoderConfig:
   use_pooler: bool = True
   # The original config.json, kept verbatim so export writes back what was read.
   hf_config_json: str = "{}"
+  # Parameter-efficient transfer (LoRA, adapters): extra params; None for the plain encoder.
+  peft: PeftConfig | None = None
 
   @property
   def family(self) -> str:

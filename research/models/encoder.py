@@ -16,6 +16,10 @@ an additive bias; exact GELU uses ``erf`` (XLA lowers ``erfc`` far more expensiv
 masks come from a counter-based hash of the element index instead of threefry (see
 :func:`dropout`), which is several times cheaper and gives the same masks however the batch
 is sharded.
+
+Parameter-efficient transfer (``config.peft``, see research.transfer.peft) adds LoRA matrices to
+the projections its targets name (for the fused q/k/v, a low-rank term per targeted slice) and
+residual adapters inside each layer; without it the modules are exactly the plain ones.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research.models import peft_layers
 from research.models.config import EncoderConfig
 
 Array = jax.Array
@@ -132,12 +137,14 @@ class Embeddings(nn.Module):
     x = layer_norm(x, cfg.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm")
     x = dropout(self, x, cfg.hidden_dropout, deterministic)
     if cfg.embedding_size is not None:
-      x = nn.Dense(
+      x = peft_layers.dense(
+        cfg,
         cfg.hidden_size,
+        "projection",
+        deterministic,
         kernel_init=dense_init(),
         dtype=self.dtype,
         param_dtype=self.param_dtype,
-        name="projection",
       )(x)
     return x
 
@@ -154,17 +161,20 @@ class DenseParams(nn.Module):
   """The ``kernel`` and ``bias`` of an ``nn.Dense``, created exactly as it creates them.
 
   Lets a caller combine several projections into one matmul while each keeps its own
-  parameter path (``attention/query/kernel``, ...), init and HF mapping.
+  parameter path (``attention/query/kernel``, ...), init and HF mapping. Under LoRA a targeted
+  projection also returns its ``(lora_a, lora_b)``; otherwise the third item is None.
   """
 
   features: int
   param_dtype: Dtype = jnp.float32
+  peft: Any = None
 
   @nn.compact
-  def __call__(self, in_features: int) -> tuple[Array, Array]:
-    kernel = self.param("kernel", dense_init(), (in_features, self.features), self.param_dtype)
+  def __call__(self, in_features: int) -> tuple[Array, Array, tuple[Array, Array] | None]:
+    shape = (in_features, self.features)
+    kernel = self.param("kernel", dense_init(), shape, self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    return kernel, bias
+    return kernel, bias, peft_layers.lora_params(self, self.peft, shape, self.param_dtype)
 
 
 class SelfAttention(nn.Module):
@@ -174,13 +184,17 @@ class SelfAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _project(self, x: Array, names: tuple[str, ...]) -> list[Array]:
+  def _project(self, x: Array, names: tuple[str, ...], deterministic: bool) -> list[Array]:
     """``x @ [W_a | W_b | ...] + [b_a | ...]`` as one matmul, split into [B, T, N, H] heads."""
     cfg = self.config
-    params = [DenseParams(cfg.hidden_size, self.param_dtype, name=n)(x.shape[-1]) for n in names]
-    kernel = jnp.concatenate([k for k, _ in params], axis=1).astype(self.dtype)
-    bias = jnp.concatenate([b for _, b in params]).astype(self.dtype)
+    dense = lambda n: DenseParams(cfg.hidden_size, self.param_dtype, cfg.peft, name=n)
+    params = [dense(n)(x.shape[-1]) for n in names]
+    kernel = jnp.concatenate([k for k, _, _ in params], axis=1).astype(self.dtype)
+    bias = jnp.concatenate([b for _, b, _ in params]).astype(self.dtype)
     y = jnp.dot(x.astype(self.dtype), kernel) + bias
+    lora = [(i, *pair) for i, (_, _, pair) in enumerate(params) if pair is not None]
+    if lora:
+      y = y + peft_layers.lora_delta(self, x, lora, len(names), cfg.peft, deterministic, self.dtype)
     y = y.reshape(*y.shape[:-1], len(names), cfg.num_heads, cfg.head_dim)
     return [y[..., i, :, :] for i in range(len(names))]
 
@@ -189,10 +203,10 @@ class SelfAttention(nn.Module):
     """``mask`` is [B, 1|T, S] (1 = attend); ``kv`` switches to cross-attention."""
     cfg = self.config
     if kv is None:
-      q, k, v = self._project(x, ("query", "key", "value"))
+      q, k, v = self._project(x, ("query", "key", "value"), deterministic)
     else:
-      (q,) = self._project(x, ("query",))
-      k, v = self._project(kv, ("key", "value"))
+      (q,) = self._project(x, ("query",), deterministic)
+      k, v = self._project(kv, ("key", "value"), deterministic)
     q = q * jnp.asarray(1.0 / math.sqrt(cfg.head_dim), q.dtype)
     logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32)
     # Additive bias: fuses into the softmax; a large finite value keeps fully padded rows finite.
@@ -201,12 +215,14 @@ class SelfAttention(nn.Module):
     weights = dropout(self, weights, cfg.attention_dropout, deterministic)
     out = jnp.einsum("bnqk,bknh->bqnh", weights, v)
     out = out.reshape(*out.shape[:-2], cfg.hidden_size)
-    return nn.Dense(
+    return peft_layers.dense(
+      cfg,
       cfg.hidden_size,
+      "output",
+      deterministic,
       kernel_init=dense_init(),
       dtype=self.dtype,
       param_dtype=self.param_dtype,
-      name="output",
     )(out)
 
 
@@ -218,19 +234,22 @@ class FeedForward(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    """``deterministic`` only matters for LoRA dropout."""
     cfg = self.config
     kw = dict(kernel_init=dense_init(), dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.Dense(cfg.intermediate_size, name="intermediate", **kw)(x)
+    h = peft_layers.dense(cfg, cfg.intermediate_size, "intermediate", deterministic, **kw)(x)
     h = ACTIVATIONS[cfg.hidden_act](h)
-    return nn.Dense(cfg.hidden_size, name="output", **kw)(h)
+    return peft_layers.dense(cfg, cfg.hidden_size, "output", deterministic, **kw)(h)
 
 
 class EncoderLayer(nn.Module):
   """Post-LN Transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)).
 
-  With ``first_only`` the layer computes position 0 alone (its query attends to every key):
-  what a last layer owes a head that reads only the first token.
+  With adapters, ``attention_adapter`` (Houlsby placement) and ``ffn_adapter`` transform each
+  sub-layer's output after its dropout, before the residual sum and LayerNorm (as Houlsby et
+  al. place them). With ``first_only`` the layer computes position 0 alone (its query attends
+  to every key): what a last layer owes a head that reads only the first token.
   """
 
   config: EncoderConfig
@@ -249,9 +268,13 @@ class EncoderLayer(nn.Module):
       x = x[:, :1]
     else:
       h = attention(x, mask, deterministic)
-    x = norm(x + drop(h), "attention_norm")
-    h = FeedForward(cfg, name="ffn", **kw)(x)
-    return norm(x + drop(h), "output_norm")
+    adapters = cfg.peft.adapter_modules if cfg.peft is not None else ()
+    adapt = lambda h, name: (
+      peft_layers.Adapter(cfg.peft.adapter_size, name=name, **kw)(h) if name in adapters else h
+    )
+    x = norm(x + adapt(drop(h), "attention_adapter"), "attention_norm")
+    h = FeedForward(cfg, name="ffn", **kw)(x, deterministic)
+    return norm(x + adapt(drop(h), "ffn_adapter"), "output_norm")
 
 
 class Encoder(nn.Module):
@@ -294,6 +317,8 @@ class Encoder(nn.Module):
       x = layer_cls(cfg, name=f"layer_{i}", **kw)(x, mask, deterministic, last)
     pooled = None
     if cfg.use_pooler:
-      pooled = nn.Dense(cfg.hidden_size, kernel_init=dense_init(), name="pooler", **kw)(x[:, 0])
-      pooled = jnp.tanh(pooled)
+      pooler = peft_layers.dense(
+        cfg, cfg.hidden_size, "pooler", deterministic, kernel_init=dense_init(), **kw
+      )
+      pooled = jnp.tanh(pooler(x[:, 0]))
     return {"hidden_states": x, "pooled": pooled}

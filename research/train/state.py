@@ -19,6 +19,7 @@ from research.models.config import EncoderConfig
 from research.models.heads import HeadConfig
 from research.models.task_model import TaskModel, make_task_model
 from research.transfer import hf
+from research.transfer import peft as peft_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -51,14 +52,31 @@ def compute_dtype(name: str) -> Any:
 
 
 def encoder_config(model_cfg: ml_collections.ConfigDict) -> EncoderConfig:
-  """The encoder architecture: the checkpoint's, with ``model.encoder_overrides`` applied."""
+  """The encoder architecture: the checkpoint's, with ``model.encoder_overrides`` applied, and
+  ``model.peft`` when its method is not 'none' (LoRA targets are checked to match)."""
   directory = hf.resolve(model_cfg.checkpoint)
   cfg = hf.load_config(directory)
   overrides = dict(model_cfg.get("encoder_overrides", {}) or {})
   if "dropout" in model_cfg:
     overrides.setdefault("hidden_dropout", model_cfg.dropout)
     overrides.setdefault("attention_dropout", model_cfg.dropout)
-  return cfg.replace(**overrides)
+  cfg = cfg.replace(**overrides)
+  peft = peft_lib.from_config(model_cfg.get("peft"))
+  if peft.method == "none":
+    return cfg
+  if peft.method == "lora":
+    peft_lib.lora_modules(cfg, peft)  # Raises on a target that matches no projection.
+  return cfg.replace(peft=peft)
+
+
+def apply_peft_rules(config: ml_collections.ConfigDict, peft: peft_lib.PeftConfig) -> None:
+  """Sets ``optim.trainable`` to the PEFT method's rules when the run names none itself.
+
+  Done here, where the model is built, so every trainer that builds its model through
+  :func:`build_model` freezes the same way (the optimizer reads ``config.optim`` later).
+  """
+  if not tuple(config.optim.trainable):
+    config.optim.trainable = peft_lib.trainable_rules(peft, tuple(config.tasks))
 
 
 def build_model(
@@ -67,10 +85,23 @@ def build_model(
   """The TaskModel for ``config.tasks`` with ``num_labels[task]`` outputs per head.
 
   Seq2seq tasks get an EncoderDecoder instead (decoder: the encoder's architecture with
-  ``model.decoder_overrides``; see research.models.seq2seq).
+  ``model.decoder_overrides``; see research.models.seq2seq). With ``model.peft`` the encoder
+  gets the method's parameters and, unless ``optim.trainable`` is set, ``optim.trainable``
+  becomes the method's rules (a side effect on ``config``; see :func:`apply_peft_rules`).
+
+  Raises:
+    ValueError: ``model.peft`` on a seq2seq model (not wired for the decoder yet).
   """
   enc = encoder_config(config.model)
-  if any(t.kind == "seq2seq" for t in config.tasks.values()):
+  seq2seq_run = any(t.kind == "seq2seq" for t in config.tasks.values())
+  if enc.peft is not None:
+    if seq2seq_run:
+      raise ValueError(
+        f"model.peft.method={enc.peft.method!r}: parameter-efficient transfer is wired for "
+        "encoder TaskModels only, not seq2seq (the decoder's cached attention has no LoRA)"
+      )
+    apply_peft_rules(config, enc.peft)
+  if seq2seq_run:
     from research.models import seq2seq
 
     model = seq2seq.make_model(

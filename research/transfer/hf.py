@@ -27,7 +27,7 @@ import numpy as np
 
 from research import paths
 from research.models.config import EncoderConfig
-from research.transfer import hf_names
+from research.transfer import hf_names, peft
 
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
@@ -260,8 +260,17 @@ def save_pretrained(
   names = hf_names.leaf_map(cfg)
   extra = sorted(set(flat) - set(names))
   if extra:
+    adapters = peft.adapter_paths(extra)
     raise CheckpointError(
-      f"{directory}: params hold leaves with no HF name (merge LoRA/adapters first?): {extra[:3]}"
+      f"{directory}: params hold leaves with no HF name ({', '.join(extra[:3])}"
+      + (" ..." if len(extra) > 3 else "")
+      + "): "
+      + (
+        f"adapters cannot be exported to a plain HF BERT (adapter modules: {adapters}); "
+        if adapters
+        else ""
+      )
+      + "merge LoRA with research.transfer.peft.merge_lora before exporting"
     )
   tensors = {names[p]: hf_names.to_hf(p, np.asarray(v, dtype=np.float32)) for p, v in flat.items()}
   save_file(tensors, str(directory / SAFETENSORS), metadata={"format": "pt"})

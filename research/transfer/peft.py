@@ -1,0 +1,230 @@
+"""Parameter-efficient transfer: LoRA, bottleneck adapters and BitFit as config, not code paths.
+
+Each method is two things the ordinary run already has: extra parameter subtrees in the
+ordinary model (``lora_a``/``lora_b`` beside a projection's ``kernel``; ``attention_adapter``
+and ``ffn_adapter`` inside each encoder layer; nothing for BitFit) and ``optim.trainable``
+rules, so the optax freeze mask leaves everything else without optimizer state. The same train
+step, checkpoints and grafting serve all methods; PEFT leaves are absent from an HF checkpoint,
+so grafting leaves them at init, and their init makes the model equal to the base model.
+
+- ``lora`` (Hu et al. 2021): ``y = x W + b + dropout(x) A B * alpha / rank`` on every projection
+  whose module path fully matches one of ``lora_targets``; A is kaiming-uniform, B zeros.
+  Trains A, B and the heads. :func:`merge_lora` folds A B into W for export.
+- ``adapters`` (Houlsby et al. 2019; Pfeiffer et al. 2020): ``h + up(gelu(down(h)))`` with a
+  zero ``up``, after the attention output and after the FFN (``houlsby``) or after the FFN
+  only (``pfeiffer``). Trains the adapters, every encoder LayerNorm (as Houlsby et al. do) and
+  the heads. Adapters have no counterpart in a plain HF BERT, so they cannot be exported.
+- ``bitfit`` (Ben Zaken et al. 2022): trains every encoder bias (LayerNorm biases included) and
+  the heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from research import paths
+
+if TYPE_CHECKING:
+  from research.models.config import EncoderConfig
+
+METHODS = ("none", "lora", "adapters", "bitfit")
+PLACEMENTS = ("houlsby", "pfeiffer")
+LORA_LEAVES = ("lora_a", "lora_b")
+ADAPTER_MODULES = {"houlsby": ("attention_adapter", "ffn_adapter"), "pfeiffer": ("ffn_adapter",)}
+ENCODER_NORMS = r"encoder/(.*/)?(layer_norm|attention_norm|output_norm)/(scale|bias)"
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """Which parameter-efficient method to use and its sizes (hashable: sits in EncoderConfig).
+
+  Attributes:
+    method: 'none' | 'lora' | 'adapters' | 'bitfit'.
+    lora_rank / lora_alpha: the update is ``A B * alpha / rank`` with A [in, rank].
+    lora_dropout: dropout on the LoRA branch's input (one mask shared by the fused q/k/v).
+    lora_targets: regexes over module paths such as ``encoder/layer_3/attention/query``.
+    adapter_size: bottleneck width of each adapter.
+    adapter_placement: 'houlsby' (after attention and FFN) or 'pfeiffer' (after FFN only).
+  """
+
+  method: str = "none"
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = (r"encoder/layer_\d+/attention/(query|value)",)
+  adapter_size: int = 64
+  adapter_placement: str = "houlsby"
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"model.peft.method={self.method!r}: expected one of {METHODS}")
+    if self.adapter_placement not in PLACEMENTS:
+      raise ValueError(
+        f"model.peft.adapter_placement={self.adapter_placement!r}: expected one of {PLACEMENTS}"
+      )
+    if self.lora_rank < 1 or self.adapter_size < 1:
+      raise ValueError("model.peft: lora_rank and adapter_size must be positive")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"model.peft.lora_dropout={self.lora_dropout}: expected [0, 1)")
+    if isinstance(self.lora_targets, str):
+      raise TypeError("model.peft.lora_targets: a tuple of regexes, not one string")
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    paths.compile_rules([(t, None) for t in self.lora_targets])  # Names a malformed regex.
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank
+
+  def is_lora_target(self, module_path: str) -> bool:
+    """Whether the projection at ``module_path`` gets LoRA matrices (only for method 'lora')."""
+    return self.method == "lora" and paths.match(
+      [(t, True) for t in self.lora_targets], module_path, False
+    )
+
+  @property
+  def adapter_modules(self) -> tuple[str, ...]:
+    """Names of the adapter submodules of each encoder layer (none unless method 'adapters')."""
+    return ADAPTER_MODULES[self.adapter_placement] if self.method == "adapters" else ()
+
+
+def from_config(cfg: Mapping[str, Any] | Any | None) -> PeftConfig:
+  """A PeftConfig from ``config.model.peft`` (a ConfigDict or a mapping; None: method 'none').
+
+  Raises:
+    ValueError: an unknown field, method or placement.
+  """
+  if cfg is None:
+    return PeftConfig()
+  values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  known = {f.name for f in dataclasses.fields(PeftConfig)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"model.peft: unknown field(s) {unknown}; known: {sorted(known)}")
+  if "lora_targets" in values and not isinstance(values["lora_targets"], str):
+    values["lora_targets"] = tuple(values["lora_targets"])
+  return PeftConfig(**values)
+
+
+def trainable_rules(peft: PeftConfig, tasks: Sequence[str]) -> tuple[str, ...]:
+  """The ``optim.trainable`` rules of ``peft.method``; everything else is frozen.
+
+  The heads of ``tasks`` always train (they start at init). Adapters also train every encoder
+  LayerNorm, following Houlsby et al.; BitFit's ``encoder/.*bias`` includes the LayerNorm
+  biases. Other tasks' heads stay frozen.
+  Method 'none' returns ``()``: no rules, everything trains.
+  """
+  if peft.method == "none":
+    return ()
+  heads = tuple(f"heads/{re.escape(t)}/.*" for t in tasks)
+  own = {
+    "lora": (r".*lora_(a|b)",),
+    "adapters": (r".*adapter.*", ENCODER_NORMS),
+    "bitfit": (r"encoder/.*bias",),
+  }[peft.method]
+  return own + heads
+
+
+def dense_modules(cfg: EncoderConfig) -> dict[str, tuple[int, int]]:
+  """``{module path: (in, out)}`` of every kernel-and-bias projection of the encoder.
+
+  Read from the architecture, not from a parameter tree: what LoRA targets are matched against
+  and what :func:`analytic_trainable_count` sums over.
+  """
+  h, i = cfg.hidden_size, cfg.intermediate_size
+  out: dict[str, tuple[int, int]] = {}
+  if cfg.embedding_size is not None:
+    out["encoder/embeddings/projection"] = (cfg.embedding_size, h)
+  for n in range(cfg.num_layers):
+    for proj in ("query", "key", "value", "output"):
+      out[f"encoder/layer_{n}/attention/{proj}"] = (h, h)
+    out[f"encoder/layer_{n}/ffn/intermediate"] = (h, i)
+    out[f"encoder/layer_{n}/ffn/output"] = (i, h)
+  if cfg.use_pooler:
+    out["encoder/pooler"] = (h, h)
+  return out
+
+
+def lora_modules(cfg: EncoderConfig, peft: PeftConfig) -> dict[str, tuple[int, int]]:
+  """The projections that get LoRA matrices, ``{module path: (in, out)}``.
+
+  Raises:
+    ValueError: a target regex matching no projection (usually a typo), naming it.
+  """
+  modules = dense_modules(cfg)
+  unused = paths.unused_rules([(t, None) for t in peft.lora_targets], modules)
+  if unused:
+    raise ValueError(
+      f"model.peft.lora_targets: {unused} match no projection; module paths look like "
+      f"{next(iter(modules))!r}; candidates: encoder/layer_N/attention/(query|key|value|output), "
+      "encoder/layer_N/ffn/(intermediate|output), encoder/pooler"
+    )
+  return {p: shape for p, shape in modules.items() if peft.is_lora_target(p)}
+
+
+def analytic_trainable_count(cfg: EncoderConfig, peft: PeftConfig, head_param_count: int) -> int:
+  """Trainable parameters of ``peft`` on ``cfg`` by formula (H hidden, I intermediate, L layers).
+
+  - lora: ``sum over targets of rank * (in + out)`` (2 r H per attention projection).
+  - adapters: ``n L (2 H m + m + H)`` with ``n`` adapters per layer (2 houlsby, 1 pfeiffer),
+    bottleneck ``m``, plus the LayerNorms ``2 E + 4 H L`` (E: embedding width, usually H).
+  - bitfit: ``L (7 H + I) + E`` (q/k/v/output, FFN and LayerNorm biases; embedding LayerNorm),
+    ``+ H`` for a pooler and ``+ H`` for an embedding projection.
+  - none: every encoder parameter.
+  Each plus ``head_param_count`` (heads always train).
+  """
+  h, i, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  e = cfg.embedding_size or h  # The embedding LayerNorm's width.
+  projections = dense_modules(cfg)
+  if peft.method == "lora":
+    own = sum(peft.lora_rank * (a + b) for a, b in lora_modules(cfg, peft).values())
+  elif peft.method == "adapters":
+    m = peft.adapter_size
+    adapters = len(peft.adapter_modules) * n_layers * (2 * h * m + m + h)
+    own = adapters + 2 * e + 4 * h * n_layers
+  elif peft.method == "bitfit":
+    own = n_layers * (7 * h + i) + e + h * cfg.use_pooler + h * (cfg.embedding_size is not None)
+  else:
+    embeddings = e * (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) + 2 * e
+    norms = 4 * h * n_layers
+    own = embeddings + norms + sum(a * b + b for a, b in projections.values())
+  return own + head_param_count
+
+
+def merge_lora(params: Mapping[str, Any], peft: PeftConfig) -> dict[str, Any]:
+  """Folds every LoRA pair into its kernel (``W + A B * alpha / rank``) and drops the pairs.
+
+  The result is the plain tree of the base architecture, ready for ``hf.save_pretrained`` or a
+  model without PEFT; the arithmetic is fp32 at full precision, cast back to W's dtype.
+
+  Raises:
+    ValueError: a ``lora_a`` without its ``lora_b`` or its ``kernel``.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  flat = dict(paths.flatten(params))
+  for path in [p for p in flat if p.endswith("/lora_a")]:
+    module = path[: -len("/lora_a")]
+    if f"{module}/lora_b" not in flat or f"{module}/kernel" not in flat:
+      raise ValueError(f"merge_lora: {module} has lora_a but no lora_b or kernel")
+    a, b = flat.pop(path), flat.pop(f"{module}/lora_b")
+    kernel = flat[f"{module}/kernel"]
+    delta = jnp.dot(
+      jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    merged = jnp.asarray(kernel, jnp.float32) + delta * jnp.float32(peft.lora_scale)
+    flat[f"{module}/kernel"] = merged.astype(kernel.dtype)
+  stray = [p for p in flat if p.rsplit("/", 1)[-1] in LORA_LEAVES]
+  if stray:
+    raise ValueError(f"merge_lora: lora_b without lora_a at {stray[:3]}")
+  return paths.unflatten(flat)
+
+
+def adapter_paths(leaf_paths: Iterable[str]) -> list[str]:
+  """The adapter modules among ``leaf_paths`` (``encoder/layer_0/ffn_adapter/up/kernel`` gives
+  ``encoder/layer_0/ffn_adapter``): what an export names when it refuses adapters."""
+  found = (re.match(r"(.*?adapter)/", p) for p in leaf_paths)
+  return sorted({m.group(1) for m in found if m})
