@@ -10,19 +10,21 @@ same negative/positive labels). Nothing is trained (``train.steps=0``); the whol
   python -m launch.local --config=configs/sst2_crossdomain.py --sweep --workdir=runs \
       --config.init_from=runs/sst2_minilm
 
-Variants: ``domain=amazon|imdb|yelp``; ``tiny`` evaluates the 2-layer fixture model.
+Variants: ``domain=amazon|imdb|yelp``; ``smoke`` (MiniLM with an untrained head instead of the
+SST-2 run, 200 sentences: checks the path, not the accuracy); ``tiny`` evaluates the 2-layer
+fixture model.
 Numbers are in README.md.
 """
 
 from research import config_lib
 from research.data.registry import default_data_config
 
-VARIANTS = ("", "domain=imdb", "domain=yelp", "tiny")
+VARIANTS = ("", "domain=imdb", "domain=yelp", "smoke", "tiny")
 DOMAINS = ("amazon", "imdb", "yelp")
 
 
 def get_config(arg: str | None = None):
-  arg = config_lib.parse_arg(arg, domain="amazon", tiny=False)
+  arg = config_lib.parse_arg(arg, domain="amazon", smoke=False, tiny=False)
   if arg.domain not in DOMAINS:
     raise ValueError(f"domain={arg.domain!r}: expected one of {DOMAINS}")
   c = config_lib.base_config()
@@ -35,6 +37,12 @@ def get_config(arg: str | None = None):
   )
   c.train.update(steps=0, eval_every=1, checkpoint_every=0)
   c.eval.batch_size = 64
+  if arg.smoke:
+    c.init_from = ""  # The pretrained encoder and a fresh head: no SST-2 run needed.
+    c.model.graft_rules = (("encoder/(.*)", r"encoder/\1"),)
+    c.model.strict_graft = False
+    data = c.tasks.sst2.data
+    data.splits.eval = f"{data.splits.eval}[:200]"
   if arg.tiny:
     config_lib.make_tiny(c, "sst2", fixture="sentiment_labelled_sentences", steps=0)
   return config_lib.lock(c)

@@ -28,7 +28,8 @@ from typing import Any
 from launch import sweep
 
 # Top-level numbers of results.json shown after the eval metrics.
-EXTRA_KEYS = ("train_examples_per_sec", "wall_s")
+EXTRA_KEYS = ("train_examples_per_sec", "step_time_s", "wall_s", "peak_memory_mb")
+TRAINABLE = "params/trainable"  # Tabled, and the x axis of the metric-vs-parameters plots.
 # Eval entries that count things rather than measure them: tabled, not plotted.
 COUNT_NAMES = ("examples", "count", "num_examples")
 
@@ -65,6 +66,9 @@ def flatten_results(results: dict) -> dict[str, float]:
   for k in EXTRA_KEYS:
     if isinstance(results.get(k), (int, float)):
       out[k] = float(results[k])
+  trainable = (results.get("params") or {}).get("trainable")
+  if isinstance(trainable, (int, float)):
+    out[TRAINABLE] = float(trainable)
   return out
 
 
@@ -127,7 +131,8 @@ def aggregate(runs: Sequence[Run]) -> tuple[list[Row], list[str]]:
   names: list[str] = []
   for r in runs:
     names.extend(k for k in r.metrics if k not in names)
-  names.sort(key=lambda k: (k in EXTRA_KEYS, EXTRA_KEYS.index(k) if k in EXTRA_KEYS else 0, k))
+  tail = (TRAINABLE, *EXTRA_KEYS)  # Run facts after the eval metrics, in this order.
+  names.sort(key=lambda k: (k in tail, tail.index(k) if k in tail else 0, k))
   rows = []
   for (exp, point), members in groups.items():
     stats = {}
@@ -212,7 +217,8 @@ def plot(rows: Sequence[Row], names: Sequence[str], out: Path) -> list[Path]:
   files = []
   for exp in dict.fromkeys(r.experiment for r in rows):
     exp_rows = [r for r in rows if r.experiment == exp]
-    for k in (n for n in names if n not in EXTRA_KEYS and n.split("/")[-1] not in COUNT_NAMES):
+    plotted = (n for n in names if n not in (*EXTRA_KEYS, TRAINABLE))
+    for k in (n for n in plotted if n.split("/")[-1] not in COUNT_NAMES):
       rs = [r for r in exp_rows if k in r.stats]
       if not rs:
         continue
@@ -232,12 +238,41 @@ def plot(rows: Sequence[Row], names: Sequence[str], out: Path) -> list[Path]:
       ax.set_xticks(list(xs), [r.point for r in rs], rotation=30, ha="right", fontsize=8)
       ax.set_ylabel(k)
       ax.set_title(f"{exp}: {k} (mean ± std over seeds)", fontsize=9)
-      fig.tight_layout()
-      files.append(out / f"{_safe(exp)}__{_safe(k)}.png")
-      fig.savefig(files[-1], dpi=100)
-      plt.close(fig)
+      files.append(_save(fig, out / f"{_safe(exp)}__{_safe(k)}.png", plt))
+    files += _plot_vs_trainable(exp, exp_rows, names, out, plt)
     files += _plot_curves(exp, exp_rows, out, plt)
   return files
+
+
+def _plot_vs_trainable(exp: str, rows: Sequence[Row], names: Sequence[str], out: Path, plt):
+  """Accuracy / F1 / BLEU against trainable parameters (log scale), one labelled dot a point:
+  the picture of a parameter-efficiency ablation."""
+  files = []
+  rs = [r for r in rows if TRAINABLE in r.stats]
+  if len(rs) < 2 or len({r.stats[TRAINABLE][0] for r in rs}) < 2:
+    return files
+  for k in (n for n in names if n.split("/")[-1] in ("accuracy", "f1", "bleu")):
+    pts = [r for r in rs if k in r.stats]
+    if len(pts) < 2:
+      continue
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in pts:
+      x, (y, err) = r.stats[TRAINABLE][0], r.stats[k][:2]
+      ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3)
+      ax.annotate(r.point, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(k)
+    ax.set_title(f"{exp}: {k} vs trainable parameters", fontsize=9)
+    files.append(_save(fig, out / f"{_safe(exp)}__{_safe(k)}_vs_trainable.png", plt))
+  return files
+
+
+def _save(fig, path: Path, plt) -> Path:
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
 
 
 def _all_values(rows: Sequence[Row], k: str) -> list[float]:
@@ -272,10 +307,7 @@ def _plot_curves(exp: str, rows: Sequence[Row], out: Path, plt) -> list[Path]:
       ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(f"{exp}: {split} curves (mean over seeds)", fontsize=10)
-    fig.tight_layout()
-    files.append(out / f"{_safe(exp)}__curves_{_safe(split)}.png")
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    files.append(_save(fig, out / f"{_safe(exp)}__curves_{_safe(split)}.png", plt))
   return files
 
 

@@ -61,10 +61,11 @@ class Sweep(list):
       (tuples of regexes, nested dicts).
   """
 
-  def __init__(self, points=(), names=None, labels=None):
+  def __init__(self, points=(), names=None, labels=None, hidden=()):
     super().__init__(points)
     self.names: dict[str, str] = dict(names or {})
     self.labels: dict[str, dict[str, str]] = {k: dict(v) for k, v in (labels or {}).items()}
+    self.hidden: set[str] = set(hidden)  # Keys set by `variants`: named by the variant.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,24 @@ def seeds(values: Iterable[int] | int, key: str = "seed") -> Axis:
 Part = Axis | Mapping[str, Any] | Sequence[Mapping[str, Any]]
 
 
+TAG = "@"  # Override keys starting with this name a point; they are not config keys.
+
+
+def variants(name: str, points: Mapping[str, Mapping[str, Any]]) -> Sweep:
+  """Named variants, each a set of overrides: ``variants("method", {"lora": {...}, ...})``.
+
+  The points are named ``method=lora`` etc. rather than by every key they set, which is what
+  an ablation over methods that each change several fields wants. Combine with `product` /
+  `seeds` as any other part.
+  """
+  out = [
+    {TAG + name: label, **{_strip_prefix(k): v for k, v in o.items()}}
+    for label, o in points.items()
+  ]
+  hidden = {_strip_prefix(k) for o in points.values() for k in o}
+  return Sweep(out, hidden=hidden)
+
+
 def _as_sweep(part: Part) -> Sweep:
   if isinstance(part, Axis):
     return part.points()
@@ -133,6 +152,7 @@ def _as_sweep(part: Part) -> Sweep:
 def _merge_meta(sweeps: Sequence[Sweep], points: list[Overrides]) -> Sweep:
   out = Sweep(points)
   for sw in sweeps:
+    out.hidden |= sw.hidden
     out.names.update(sw.names)
     for k, labels in sw.labels.items():
       out.labels.setdefault(k, {}).update(labels)
@@ -247,6 +267,7 @@ def make_points(
   overrides: Sequence[Mapping[str, Any]],
   names: Mapping[str, str] | None = None,
   labels: Mapping[str, Mapping[str, str]] | None = None,
+  hidden: Iterable[str] = (),
 ) -> list[Point]:
   """Names a list of override dicts as sweep points.
 
@@ -257,6 +278,7 @@ def make_points(
     overrides: one dict per point.
     names: optional short display names per key.
     labels: optional labels per key and value id (see `Sweep`).
+    hidden: keys left out of the names (set by a `variants` part, which names them).
 
   Returns:
     The points, in order.
@@ -268,8 +290,11 @@ def make_points(
   keys: list[str] = []
   for d in dicts:
     keys.extend(k for k in d if k not in keys)
-  varying = [k for k in keys if len({_value_id(d.get(k)) for d in dicts}) > 1]
-  short = _short_names(varying, names or {})
+  hidden = set(hidden)
+  varying = [k for k in keys if k not in hidden and len({_value_id(d.get(k)) for d in dicts}) > 1]
+  short = _short_names(
+    varying, {**{k: k[len(TAG) :] for k in keys if k.startswith(TAG)}, **(names or {})}
+  )
   labels = labels or {}
 
   def label(k: str, v: Any) -> str:
@@ -284,7 +309,8 @@ def make_points(
       raise ValueError(f"duplicate sweep point {name!r}: {d}")
     seen.add(name)
     seed = next((d[k] for k in d if is_seed_key(k)), None)
-    points.append(Point(name, d, ",".join(group_parts) or "default", seed, i))
+    config_overrides = {k: v for k, v in d.items() if not k.startswith(TAG)}
+    points.append(Point(name, config_overrides, ",".join(group_parts) or "default", seed, i))
   return points
 
 
@@ -312,7 +338,7 @@ def expand(spec: Any) -> list[Point]:
     spec = product(*spec)
   if isinstance(spec, Sequence) and all(isinstance(d, Mapping) for d in spec):
     sw = _as_sweep(spec)
-    return make_points(list(sw), sw.names, sw.labels)
+    return make_points(list(sw), sw.names, sw.labels, sw.hidden)
   raise TypeError(f"get_sweep() must return a list of dicts or a dict of axes, got {spec!r}")
 
 

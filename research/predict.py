@@ -46,22 +46,27 @@ def read_lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
       yield number, text, problem
 
 
-def load_run(workdir: Path, task: str | None) -> tuple[Any, str, Any, list[str], Any]:
-  """``(config, task, task config, label names, params)`` of a finished or running run."""
+def load_run(workdir: Path, task: str | None) -> tuple[Any, str, dict[str, list[str]], Any]:
+  """``(config, task, label names of every task, params)`` of a finished or running run.
+
+  A multi-task run needs ``task`` (its model still gets every head, as in training).
+  """
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   names = list(config.tasks)
+  if task is None and len(names) > 1:
+    raise ValueError(f"{workdir} is a multi-task run: choose --task from {names}")
   task = task or names[0]
-  if task not in config.tasks or (len(names) > 1 and task is None):
-    raise ValueError(f"{workdir}: choose --task from {names}")
+  if task not in names:
+    raise ValueError(f"{workdir}: no task {task!r}; choose --task from {names}")
   labels_file = workdir / "labels.json"
   if labels_file.is_file():
-    labels = json.loads(labels_file.read_text())[task]
+    labels = json.loads(labels_file.read_text())
   else:
     from research.data import input_pipeline
 
-    labels = input_pipeline.label_names(config.tasks[task].data)
+    labels = {t: input_pipeline.label_names(config.tasks[t].data) for t in names}
   params, _ = ckpt_lib.load_params(workdir, prefer="best")
-  return config, task, config.tasks[task], labels, params
+  return config, task, labels, params
 
 
 def predict_file(
@@ -80,8 +85,9 @@ def predict_file(
   workdir, input_path = Path(workdir), Path(input_path)
   output_path = Path(output_path or workdir / "predictions" / f"{input_path.stem}.jsonl")
   output_path.parent.mkdir(parents=True, exist_ok=True)
-  config, task, task_cfg, labels, params = load_run(workdir, task)
-  model, _ = build_model(config, {task: len(labels)})
+  config, task, all_labels, params = load_run(workdir, task)
+  model, _ = build_model(config, {t: len(names) for t, names in all_labels.items()})
+  task_cfg, labels = config.tasks[task], all_labels[task]
   module = task_lib.get(task_cfg.kind)
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf.resolve(config.model.checkpoint)))
   lines = list(read_lines(input_path))

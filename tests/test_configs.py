@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 from train_util import REPO, load_config_module
 
-CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_"))
+CONFIGS = sorted(
+  str(p.relative_to(REPO / "configs").with_suffix(""))
+  for p in (REPO / "configs").rglob("*.py")
+  if not p.stem.startswith("_")
+)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -40,7 +40,10 @@ def test_report_mean_std_over_seeds(tmp_path):
   assert len(table) == 2
   assert table[0].startswith("| lr=1e-05 | 2 | 0.8100 ± 0.0141 |")
   assert table[1].startswith("| lr=3e-05 | 2 | 0.9100 ± 0.0141 |")
-  assert "| point | n | sst2/accuracy | sst2/loss | train_examples_per_sec | wall_s |" in md
+  header = (
+    "| point | n | sst2/accuracy | sst2/loss | params/trainable | train_examples_per_sec | wall_s |"
+  )
+  assert header in md
   with open(tmp_path / "report.csv") as f:
     rows = list(csv.DictReader(f))
   assert [r["point"] for r in rows] == ["lr=1e-05", "lr=3e-05"]

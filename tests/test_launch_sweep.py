@@ -233,3 +233,31 @@ def test_sweep_local_dry_run_prints_commands(tmp_path, capsys, monkeypatch):
     "--config.optim.lr=0.001 --config.freeze=0 --config.seed=0"
   )
   assert out[1].startswith("CUDA_VISIBLE_DEVICES=1 ")
+
+
+def test_sweep_variants_name_points_by_label_and_pass_only_config_keys():
+  methods = sweep.variants(
+    "method",
+    {
+      "full": {},
+      "probe": {"optim.freeze": ("encoder/.*",), "config.optim.lr": 1e-3},
+      "lora": {"model.peft.method": "lora", "optim.lr": 1e-3},
+    },
+  )
+  points = sweep.expand(sweep.product(methods, sweep.seeds(2), {"train.steps": 5}))
+  assert [p.name for p in points] == [
+    "method=full,seed=0",
+    "method=full,seed=1",
+    "method=probe,seed=0",
+    "method=probe,seed=1",
+    "method=lora,seed=0",
+    "method=lora,seed=1",
+  ]
+  assert [p.group for p in points[::2]] == ["method=full", "method=probe", "method=lora"]
+  assert points[2].overrides == {
+    "optim.freeze": ("encoder/.*",),
+    "optim.lr": 1e-3,
+    "seed": 0,
+    "train.steps": 5,
+  }
+  assert all(not k.startswith(sweep.TAG) for p in points for k in p.overrides)

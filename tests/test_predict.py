@@ -5,7 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from train_util import REPO, tiny_config
+from train_util import REPO, load_config_module, tiny_config
 
 from research.data import input_pipeline
 from research.predict import predict_file
@@ -77,3 +77,56 @@ def test_crossdomain_evaluates_the_trained_model_unchanged(tiny_run, tmp_path):
   assert results["steps"] == 0 and results["eval"]["sst2"]["examples"] == 6
   report = (tmp_path / "graft_report.txt").read_text()
   assert "41 transferred, 0 left at init, 0 unused" in report
+
+
+def test_predict_tagging_spans_match_eval_mode(tmp_path):
+  """NER predict mode: per-word tags (and the entity spans read off them) equal eval mode's."""
+  from research.tasks import tagging
+
+  config = load_config_module("conll03_minilm").get_config("tiny")
+  workdir = tmp_path / "run"
+  train_and_evaluate(config, str(workdir))
+  blocks = (REPO / "tests/fixtures/data/conll2003/valid.txt").read_text().split("\n\n")
+  sentences = [
+    [line.split()[0] for line in block.splitlines() if line and not line.startswith("-DOCSTART-")]
+    for block in blocks
+  ]
+  sentences = [s for s in sentences if s]
+  (tmp_path / "in.txt").write_text("\n".join(" ".join(s) for s in sentences) + "\n")
+  records = [
+    json.loads(x)
+    for x in predict_file(workdir, tmp_path / "in.txt", tmp_path / "out.jsonl")
+    .read_text()
+    .splitlines()
+  ]
+  names = json.loads((workdir / "labels.json").read_text())["conll03"]
+  data = config.tasks.conll03.data
+  it = input_pipeline.build_iterator(data, _tokenizer(config), "dev", batch_size=8, train=False)
+  model, _ = build_model(config, {"conll03": len(names)})
+  params, _ = ckpt_lib.load_params(workdir, prefer="best")
+  expected = []
+  for batch in it:
+    pred = tagging.predict(apply_model(model, params, batch, "conll03"), batch)["label"]
+    for r in np.flatnonzero(batch["example_mask"]):
+      starts = np.asarray(batch["labels"][r]) != tagging.IGNORE
+      expected.append([names[t] for t in np.asarray(pred[r])[starts]])
+  assert len(records) == len(sentences) == len(expected)
+  for record, words, tags in zip(records, sentences, expected):
+    assert record["tags"] == tags and record["words"] == len(words)
+    assert [(s["type"], s["start"], s["end"] - 1) for s in record["spans"]] == tagging.entities(
+      tags
+    )
+
+
+def test_predict_from_a_multitask_run_needs_and_uses_the_task(tmp_path):
+  config = load_config_module("multitask_sst2_conll").get_config("tiny")
+  config.train.steps = 4
+  workdir = tmp_path / "run"
+  train_and_evaluate(config, str(workdir))
+  (tmp_path / "in.txt").write_text("Alice visited Paris .\n")
+  with pytest.raises(ValueError, match="multi-task run: choose --task from"):
+    predict_file(workdir, tmp_path / "in.txt")
+  sst2 = json.loads(predict_file(workdir, tmp_path / "in.txt", task="sst2").read_text())
+  assert set(sst2["probs"]) == set(json.loads((workdir / "labels.json").read_text())["sst2"])
+  ner = json.loads(predict_file(workdir, tmp_path / "in.txt", task="conll03").read_text())
+  assert ner["words"] == ner["tagged"] == 4 and len(ner["tags"]) == 4

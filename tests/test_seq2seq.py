@@ -1,16 +1,15 @@
 """Seq2seq: the encoder-decoder's tree, init modes as graft rules, label-smoothed loss, BLEU, the
-tiny run end to end with predict mode, and the smoke variant (``pytest -k seq2seq``)."""
+tiny run end to end with predict mode (``pytest -k seq2seq``; the smoke run is in
+test_smoke.py)."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from train_util import REPO, load_config_module
+from train_util import load_config_module
 
 from research import paths
 from research.models import seq2seq
@@ -158,33 +157,6 @@ def test_seq2seq_predict_mode_translates_line_by_line(tiny_run, tmp_path):
   assert [r["line"] for r in records] == [1, 2, 3]
   assert isinstance(records[0]["translation"], str) and isinstance(records[2]["translation"], str)
   assert records[1] == {"line": 2, "text": "", "error": "empty line"}
-
-
-@pytest.mark.slow  # 298 s on the 2 shared cores (load ~12): over the default suite's budget.
-def test_seq2seq_smoke_variant_runs(tmp_path, shared_data, minilm_dir):
-  """The smoke variant: real MiniLM, real Multi30k, BERT2RND, a few steps, greedy BLEU."""
-  if not (shared_data / "multi30k").is_dir():
-    pytest.skip("Multi30k not in the data directory")
-  out = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "research.main",
-      "--config=configs/multi30k_bert2rnd.py:smoke",
-      f"--workdir={tmp_path}",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  results = json.loads((tmp_path / "results.json").read_text())
-  assert results["steps"] == 10 and "bleu" in results["eval"]["multi30k"]
-  assert "grafted from HF checkpoint" in results["init"]
-  # BERT2RND: MiniLM's 101 encoder leaves in, its pooler unused, the decoder and head at init.
-  report = (tmp_path / "graft_report.txt").read_text()
-  assert "graft: 101 transferred, 32 left at init, 2 unused in source" in report
 
 
 def test_seq2seq_eval_joins_batches_of_different_bucket_widths():

@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_config_module(name: str):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  spec = importlib.util.spec_from_file_location(
+    name.replace("/", "."), REPO / "configs" / f"{name}.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

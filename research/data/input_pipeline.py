@@ -66,7 +66,8 @@ def label_names(data_cfg: ml_collections.ConfigDict) -> list[str]:
 
 def _num_examples(builder: Any, split: str) -> int:
   splits = builder.info.splits
-  return int(splits[split].num_examples) if split in list(splits.keys()) else -1
+  known = sources.split_name(split) in list(splits.keys())
+  return int(splits[split].num_examples) if known else -1
 
 
 def _cache_key(

@@ -137,10 +137,18 @@ def get_builder(data_cfg: ml_collections.ConfigDict, prepare: bool = True) -> An
   return builder
 
 
+def split_name(split: str) -> str:
+  """The split a tfds split string reads from: ``'dev'`` for ``'dev[:256]'`` or ``'dev'``."""
+  return split.split("[", 1)[0]
+
+
 def check_split(builder: Any, split: str) -> None:
-  """Raises a ValueError naming the available splits when ``split`` is not one of them."""
+  """Raises a ValueError naming the available splits when ``split`` is not one of them.
+
+  tfds slices (``'dev[:256]'``, ``'train[:10%]'``) of an available split are accepted.
+  """
   available = list(builder.info.splits.keys())
-  if available and split not in available:
+  if available and split_name(split) not in available:
     raise ValueError(
       f"{builder.info.full_name} has no split {split!r}; available: {sorted(available)} "
       "(splits absent from the raw files are not produced)."

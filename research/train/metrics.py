@@ -16,6 +16,28 @@ from typing import Any
 import numpy as np
 
 
+def peak_memory() -> dict[str, Any]:
+  """The run's peak memory for results.json: ``{'peak_memory_mb': x, 'peak_memory_kind': k}``.
+
+  On accelerators the largest ``peak_bytes_in_use`` over this process's devices (``device``);
+  on CPU, where XLA's buffers live in host memory, the process's peak resident set size
+  (``host_rss``: everything the process holds, data pipeline included).
+  """
+  import jax
+
+  peaks = []
+  for device in jax.local_devices():
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(stats["peak_bytes_in_use"])
+  if peaks:
+    return {"peak_memory_mb": max(peaks) / 2**20, "peak_memory_kind": "device"}
+  import resource
+
+  rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux.
+  return {"peak_memory_mb": rss_kb / 1024, "peak_memory_kind": "host_rss"}
+
+
 def _plain(value: Any) -> Any:
   if isinstance(value, (np.generic, np.ndarray)):
     value = value.item() if np.ndim(value) == 0 else value.tolist()

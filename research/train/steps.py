@@ -113,8 +113,10 @@ def make_train_step(
 
       init = (jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), zeros)
       (total, weight, grads), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), micro))
+    # Examples (sentences, pairs), not the loss weight (which counts tokens for tagging).
+    examples = jnp.sum(batch["example_mask"]).astype(jnp.float32)
     if axis_name is not None:
-      total, weight, grads = jax.lax.psum((total, weight, grads), axis_name)
+      total, weight, grads, examples = jax.lax.psum((total, weight, grads, examples), axis_name)
     denom = jnp.maximum(weight, 1.0)
     loss = total / denom
     grads = jax.tree.map(lambda g: g / denom, grads)
@@ -123,7 +125,7 @@ def make_train_step(
     metrics = {
       "loss": jnp.where(finite, loss, jnp.nan),
       "grad_norm": grad_norm,
-      "examples": weight,
+      "examples": examples,
       "nonfinite_streak": streak,
       "nonfinite_total": new_state.nonfinite_total,
     }

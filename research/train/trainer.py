@@ -29,7 +29,7 @@ from research import optim, paths
 from research import tasks as task_lib
 from research.train import checkpoints as ckpt_lib
 from research.train import multitask, parallel
-from research.train.metrics import MetricWriter
+from research.train.metrics import MetricWriter, peak_memory
 from research.train.state import TrainState, build_model, init_fn, init_plan
 from research.train.steps import make_eval_step, make_train_step
 from research.transfer import graft as graft_lib
@@ -255,7 +255,7 @@ def train_and_evaluate(
   names = list(tasks)
   pending: list[dict] = []
   last_eval: dict[str, dict] = {}
-  train_time, trained_examples, t_log = 0.0, 0.0, None
+  train_time, trained_examples, trained_steps, t_log = 0.0, 0.0, 0, None
   patience = tcfg.get("nonfinite_patience", 5)
   schedule = optim.lr_schedule(config.optim, tcfg.steps)
   for step in range(start_step, tcfg.steps):
@@ -269,6 +269,7 @@ def train_and_evaluate(
       if t_log is not None:
         train_time += now - t_log
         trained_examples += float(sum(m["examples"] for m in host))
+        trained_steps += len(host)
       record = {
         "loss": _finite_mean([m["loss"] for m in host]),
         "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
@@ -317,7 +318,10 @@ def train_and_evaluate(
     "task_steps": {t: int(n) for t, n in zip(names, np.bincount(order, minlength=len(names)))},
     "eval": last_eval,
     "train_examples_per_sec": trained_examples / train_time if train_time else None,
+    # Mean over the logged windows after the first (which holds the compilations).
+    "step_time_s": train_time / trained_steps if trained_steps else None,
     "wall_s": time.time() - t_start,
+    **peak_memory(),
     "params": counts,
     "init": origin,
   }
