@@ -236,14 +236,19 @@ class DataIterator(iterators.GrainIterator):
   def _plan(self, epoch: int) -> np.ndarray:
     if not self._train:
       return self._eval_plan
-    with self._plan_lock:  # grain calls from several threads; keep the last two epochs' plans.
-      if epoch not in self._plans:
-        self._plans[epoch] = batching.train_plan(
+    # grain calls from several threads, and on a small data set their batches can span several
+    # epochs: keep a few recent plans, and never drop the one being returned.
+    with self._plan_lock:
+      plan = self._plans.get(epoch)
+      if plan is None:
+        plan = batching.train_plan(
           self._tok.lengths, self._batch_size, self._seed, epoch, self._pool_batches
         )
-        for old in sorted(self._plans)[:-2]:
-          del self._plans[old]
-      return self._plans[epoch]
+        self._plans[epoch] = plan
+        for old in sorted(self._plans)[:-4]:
+          if old != epoch:
+            del self._plans[old]
+      return plan
 
   def planned_padding_fraction(self, epoch: int = 0) -> float:
     """Fraction of padded token slots over all batches of an epoch (real rows only)."""

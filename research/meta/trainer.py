@@ -31,11 +31,10 @@ from research.meta import inner
 from research.meta.algorithms import MetaLearner, settings_from_config
 from research.meta.steps import make_eval_step, make_meta_step
 from research.train import checkpoints as ckpt_lib
-from research.train import parallel
+from research.train import parallel, setup
 from research.train.metrics import MetricWriter
-from research.train.state import TrainState, build_model, init_fn
-from research.train.trainer import Prefetcher, _graft_source, _single_task, _tokenizer
-from research.transfer import graft as graft_lib
+from research.train.state import build_model, init_fn
+from research.train.trainer import Prefetcher, _single_task, _tokenizer
 
 
 def mean_ci95(values: np.ndarray) -> dict[str, float]:
@@ -120,7 +119,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   parallel.check_batch_size(meta.eval_episodes_per_batch, mesh, "meta.eval_episodes_per_batch")
 
   # --- State: the model's params (+ Meta-SGD's learned inner LRs), outer optimizer. -------
-  rng = jax.random.key_data(jax.random.key(config.seed))
   model_init = init_fn(model)
 
   def init(r):
@@ -129,16 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       params["inner_lr"] = inner.inner_lr_tree(params, settings.inner, settings.inner_lr)
     return params
 
-  abstract_params = jax.eval_shape(init, rng)
-  tx, summary = optim.build(config.optim, abstract_params, max(tcfg.steps, 1))
-  create = lambda r: TrainState.create(
-    init(r), tx, jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(r), 1))
-  )
-  abstract = jax.eval_shape(create, rng)
-  shardings = parallel.state_shardings(abstract, mesh, config.get("parallel"))
-  abstract = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-  )
+  plan = setup.plan_state(config, init, mesh, max(tcfg.steps, 1))
+  abstract_params, shardings = plan.abstract_params, plan.shardings
   ckpts = ckpt_lib.Checkpoints(
     workdir, max_to_keep=tcfg.max_to_keep, best_metric=f"{task}/valid_accuracy"
   )
@@ -148,29 +138,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     enabled=is_main,
     progress=tcfg.get("progress", True),
   )
-  for line in summary:
+  for line in plan.summary:
     writer.print(line)
-  data_state: dict = {}
-  if ckpts.latest_step() is not None:
-    state, data_state = ckpts.restore(abstract)
-    origin = f"resumed from {ckpts.latest.directory}/{ckpts.latest_step()}"
-  else:
-    state = jax.jit(create, out_shardings=shardings)(rng)
-    origin = "scratch"
-    source = _graft_source(config)
-    if source is not None:
-      params, report = graft_lib.graft(
-        state.params,
-        source[0],
-        [tuple(r) for r in config.model.graft_rules],
-        strict=config.model.get("strict_graft", False),
-      )
-      opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-      state = state.replace(params=params, opt_state=opt_state)
-      origin = f"grafted from {source[1]}"
-      writer.print(report.summary())
-      if is_main:
-        report.save(workdir / "graft_report.txt")
+  report_path = workdir / "graft_report.txt" if is_main else None
+  state, data_state, origin = setup.first_state(plan, config, ckpts, writer.print, report_path)
   writer.print(f"init: {origin}; {settings}")
   counts = optim.count_params(abstract_params, optim.freeze_labels(config.optim, abstract_params))
 

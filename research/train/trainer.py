@@ -28,11 +28,10 @@ import numpy as np
 from research import optim, paths
 from research import tasks as task_lib
 from research.train import checkpoints as ckpt_lib
-from research.train import multitask, parallel
+from research.train import multitask, parallel, setup
 from research.train.metrics import MetricWriter, peak_memory
-from research.train.state import TrainState, build_model, init_fn, init_plan
+from research.train.state import TrainState, build_model, init_fn
 from research.train.steps import make_eval_step, make_train_step
-from research.transfer import graft as graft_lib
 from research.transfer import hf
 
 
@@ -90,26 +89,6 @@ def _single_task(config) -> tuple[str, ml_collections.ConfigDict]:
   return next(iter(config.tasks.items()))
 
 
-def _graft_source(config) -> tuple[Any, str] | None:
-  """Params to graft (init_from or the pretrained checkpoint), or None for scratch."""
-  source = config.get("init_from") or ""
-  if source and any((Path(source) / d).is_dir() for d in ("best", "checkpoints")):
-    params, where = ckpt_lib.load_params(source)
-    return params, f"run checkpoint {where}"
-  if source:  # An HF checkpoint directory or hub id.
-    _, params = hf.load_pretrained(source)
-    return params, f"HF checkpoint {source}"
-  init, _ = init_plan(config)
-  if init == "pretrained":
-    _, params = hf.load_pretrained(config.model.checkpoint)
-    return params, f"HF checkpoint {config.model.checkpoint}"
-  if init != "scratch":
-    raise ValueError(
-      f"model.init={config.model.init!r}: expected pretrained, scratch or a seq2seq init mode"
-    )
-  return None
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -143,19 +122,9 @@ def train_and_evaluate(
   if tcfg.batch_size % tcfg.grad_accum:
     raise ValueError(f"train.batch_size={tcfg.batch_size} must divide by grad_accum")
 
-  # --- State: shapes first, then created (or restored) in place. --------------------------
-  rng = jax.random.key_data(jax.random.key(config.seed))
-  init = init_fn(model)
-  abstract_params = jax.eval_shape(init, rng)
-  tx, summary = optim.build(config.optim, abstract_params, tcfg.steps)
-  create = lambda r: TrainState.create(
-    init(r), tx, jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(r), 1))
-  )
-  abstract = jax.eval_shape(create, rng)
-  shardings = parallel.state_shardings(abstract, mesh, config.get("parallel"))
-  abstract = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-  )
+  # --- State: shapes first, then restored or created (and grafted) in place. --------------
+  plan = setup.plan_state(config, init_fn(model), mesh, tcfg.steps)
+  abstract_params, shardings = plan.abstract_params, plan.shardings
   ckpts = ckpt_lib.Checkpoints(
     workdir,
     max_to_keep=tcfg.max_to_keep,
@@ -165,36 +134,12 @@ def train_and_evaluate(
   writer = MetricWriter(
     workdir, total_steps=tcfg.steps, enabled=is_main, progress=tcfg.get("progress", True)
   )
-  for line in summary:
+  for line in plan.summary:
     writer.print(line)
   if is_main:
-    (workdir / "optim_summary.txt").write_text("\n".join(summary) + "\n")
-  data_state: dict = {}
-  if ckpts.latest_step() is not None:
-    state, data_state = ckpts.restore(abstract)
-    origin = f"resumed from {ckpts.latest.directory}/{ckpts.latest_step()}"
-  elif config.get("resume_from"):
-    manager = ckpt_lib.Checkpoints(config.resume_from).latest
-    state, data_state = ckpt_lib.restore_state(manager, abstract)
-    origin = f"resumed from {config.resume_from}"
-  else:
-    state = jax.jit(create, out_shardings=shardings)(rng)
-    origin = "scratch"
-    source = _graft_source(config)
-    if source is not None:
-      params, report = graft_lib.graft(
-        state.params,
-        source[0],
-        init_plan(config)[1],
-        strict=config.model.get("strict_graft", False),
-        reinit_on_mismatch=tuple(config.model.get("reinit_on_mismatch", ())),
-      )
-      opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-      state = state.replace(params=params, opt_state=opt_state)
-      origin = f"grafted from {source[1]}"
-      writer.print(report.summary())
-      if is_main:
-        report.save(workdir / "graft_report.txt")
+    (workdir / "optim_summary.txt").write_text("\n".join(plan.summary) + "\n")
+  report_path = workdir / "graft_report.txt" if is_main else None
+  state, data_state, origin = setup.first_state(plan, config, ckpts, writer.print, report_path)
   writer.print(f"init: {origin}")
   start_step = int(state.step)
   labels_tree = optim.freeze_labels(config.optim, abstract_params)
