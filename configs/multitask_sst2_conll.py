@@ -37,18 +37,11 @@ def get_config(arg: str | None = None):
   c.multitask = dict(
     sampling=arg.sampling, temperature=2.0, weights=dict(ones), loss_weights=dict(ones), block=100
   )
-  c.train.update(
-    steps=3500,  # The two single-task budgets (2000 + 1500 steps of 32) together.
-    batch_size=32,
-    log_every=50,
-    eval_every=500,
-    checkpoint_every=500,
-    best_metric="sst2/accuracy",
-  )
-  c.optim.update(lr=1e-4, warmup_fraction=0.06, weight_decay=0.01, schedule="linear")
+  # The two single-task budgets (2000 + 1500 steps of 32) together.
+  config_lib.finetune(c, steps=3500, best_metric="sst2/accuracy")
   c.eval.batch_size = 64
   if arg.smoke:
-    c.train.update(steps=20, batch_size=8, log_every=5, eval_every=20, checkpoint_every=20)
+    config_lib.smoke(c)
     c.tasks.sst2.data.update(max_length=64, buckets=(32, 64))
     c.tasks.conll03.data.update(max_length=64, buckets=(32, 64))
     for t in c.tasks.values():  # Two full dev sets would take most of the minute.

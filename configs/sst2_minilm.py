@@ -24,17 +24,9 @@ def get_config(arg: str | None = None):
   c.tasks.sst2 = config_lib.task(
     "classification", default_data_config("sst2"), pooling="pooler", dropout=0.1
   )
-  c.train.update(
-    steps=2000,
-    batch_size=32,
-    log_every=50,
-    eval_every=500,
-    checkpoint_every=500,
-    best_metric="sst2/accuracy",
-  )
-  c.optim.update(lr=1e-4, warmup_fraction=0.06, weight_decay=0.01, schedule="linear")
+  config_lib.finetune(c, steps=2000, best_metric="sst2/accuracy")
   if arg.smoke:
-    c.train.update(steps=20, batch_size=8, log_every=5, eval_every=20, checkpoint_every=20)
+    config_lib.smoke(c)
     c.tasks.sst2.data.update(max_length=64, buckets=(32, 64))  # Two shapes: fewer compiles.
   if arg.tiny:
     config_lib.make_tiny(c, "sst2", fixture="sst2", steps=20)

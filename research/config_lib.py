@@ -143,6 +143,25 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def finetune(c: ml_collections.ConfigDict, steps: int, best_metric: str, every: int = 500) -> None:
+  """The fine-tuning recipe the experiments share: batches of 32, AdamW at 1e-4 with 6% warmup
+  and linear decay, weight decay 0.01; eval and checkpoint every ``every`` steps."""
+  c.train.update(
+    steps=steps,
+    batch_size=32,
+    log_every=50,
+    eval_every=every,
+    checkpoint_every=every,
+    best_metric=best_metric,
+  )
+  c.optim.update(lr=1e-4, warmup_fraction=0.06, weight_decay=0.01, schedule="linear")
+
+
+def smoke(c: ml_collections.ConfigDict, steps: int = 20) -> None:
+  """A ``smoke`` variant's schedule: a few steps of 8, one eval and checkpoint at the end."""
+  c.train.update(steps=steps, batch_size=8, log_every=5, eval_every=steps, checkpoint_every=steps)
+
+
 def ner_task(dataset: str, crf: bool = False) -> ml_collections.ConfigDict:
   """A CoNLL-style NER task: a token-classification head (optionally a CRF) on ``dataset``.
 
@@ -164,18 +183,10 @@ def ner_experiment(
   c.experiment = experiment
   c.model.init = arg.init
   c.tasks[task_name] = ner_task(dataset, crf=arg.crf)
-  c.train.update(
-    steps=1500,
-    batch_size=32,
-    log_every=50,
-    eval_every=500,
-    checkpoint_every=500,
-    best_metric=f"{task_name}/f1",
-  )
-  c.optim.update(lr=1e-4, warmup_fraction=0.06, weight_decay=0.01, schedule="linear")
+  finetune(c, steps=1500, best_metric=f"{task_name}/f1")
   c.eval.batch_size = 64
   if arg.smoke:  # Under a minute: 20 small steps, 256 eval sentences.
-    c.train.update(steps=20, batch_size=8, log_every=5, eval_every=20, checkpoint_every=20)
+    smoke(c)
     data = c.tasks[task_name].data
     data.update(max_length=64, buckets=(32, 64))
     data.splits.eval = f"{data.splits.eval}[:256]"

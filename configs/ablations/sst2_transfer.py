@@ -40,17 +40,10 @@ def get_config(arg: str | None = None):
     pooling="pooler",
     dropout=0.1,
   )
-  c.train.update(
-    steps=arg.steps,
-    batch_size=32,
-    log_every=25,
-    eval_every=arg.steps,
-    checkpoint_every=arg.steps,
-    best_metric="sst2/accuracy",
-  )
-  c.optim.update(lr=1e-4, warmup_fraction=0.06, weight_decay=0.01, schedule="linear")
+  config_lib.finetune(c, steps=arg.steps, best_metric="sst2/accuracy", every=arg.steps)
+  c.train.log_every = 25
   if arg.smoke:
-    c.train.update(steps=10, batch_size=8, log_every=5, eval_every=10, checkpoint_every=10)
+    config_lib.smoke(c, steps=10)
     c.tasks.sst2.data.update(buckets=(32, 64))
     c.tasks.sst2.data.splits.eval = "validation[:128]"
   if arg.tiny:
