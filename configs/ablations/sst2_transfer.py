@@ -8,7 +8,8 @@ Nine points (``get_sweep``), one run each at the same budget (``steps`` x 32 sen
 decay, max_length 64; SST-2 dev, 872 sentences), each method at its customary learning rate:
 
   full      every parameter, lr 1e-4
-  probe     frozen encoder (linear probe on the pooled output), lr 1e-3
+  probe     frozen encoder, a linear probe on the mean-pooled embeddings (what all-MiniLM-L6-v2
+            was trained to produce; a probe on its untrained pooler is at chance), lr 1e-3
   bottom4   embeddings and layers 0-3 frozen, lr 1e-4
   llrd      layer-wise LR decay 0.75 from lr 2e-4 at the top
   unfreeze  gradual unfreezing (ULMFiT): top layer first, one more layer every steps/10
@@ -70,7 +71,12 @@ def get_sweep(arg: str | None = None):
     "method",
     {
       "full": {},
-      "probe": {"optim.freeze": ("encoder/.*",), "optim.lr": 1e-3},
+      # all-MiniLM-L6-v2 was trained for mean-pooled embeddings; its pooler is untrained.
+      "probe": {
+        "optim.freeze": ("encoder/.*",),
+        "optim.lr": 1e-3,
+        "tasks.sst2.head.pooling": "mean",
+      },
       "bottom4": {"optim.freeze": bottom4},
       "llrd": {"optim.llrd": 0.75, "optim.lr": 2e-4},
       "unfreeze": {"optim.unfreeze": unfreeze_schedule(config.train.steps, layers)},
