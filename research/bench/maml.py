@@ -54,11 +54,10 @@ class Ours:
 
   def __init__(self, args: argparse.Namespace, *, first_order: bool, remat: bool):
     from configs import intent_fewshot_maml
-    from research import optim
     from research.meta.algorithms import MetaLearner, settings_from_config
     from research.meta.steps import make_meta_step
-    from research.train import parallel
-    from research.train.state import TrainState, build_model, init_fn
+    from research.train import parallel, setup
+    from research.train.state import build_model, init_fn
     from research.transfer import graft, hf
 
     self.name = "ours " + ("first order" if first_order else "second order")
@@ -78,15 +77,12 @@ class Ours:
     model, self.enc = build_model(config, {task: args.way})
     learner = MetaLearner(model, task, settings_from_config(config.meta))
     mesh = parallel.make_mesh(config.parallel)
-    init = init_fn(model)
-    rng = jax.random.key_data(jax.random.key(0))
-    tx, _ = optim.build(config.optim, jax.eval_shape(init, rng), 1000)
-    create = lambda r: TrainState.create(init(r), tx, r)
-    shardings = parallel.state_shardings(jax.eval_shape(create, rng), mesh, config.parallel)
-    state = jax.jit(create, out_shardings=shardings)(rng)
+    plan = setup.plan_state(config, init_fn(model), mesh, 1000)
+    shardings = plan.shardings
+    state = jax.jit(plan.create, out_shardings=shardings)(plan.rng)
     _, pretrained = hf.load_pretrained(MINILM)
     params, _ = graft.graft(state.params, pretrained)
-    self.state = state.replace(params=params, opt_state=jax.jit(tx.init)(params))
+    self.state = state.replace(params=params, opt_state=jax.jit(plan.tx.init)(params))
     bsharding = parallel.batch_sharding(mesh)
     self.host_batch = make_batch(args, self.enc.vocab_size)
     self.batch = parallel.global_batch(self.host_batch, bsharding)

@@ -86,9 +86,8 @@ class Ours:
 
   def __init__(self, args: argparse.Namespace):
     from configs import sst2_minilm
-    from research import optim
-    from research.train import parallel
-    from research.train.state import TrainState, build_model, init_fn
+    from research.train import parallel, setup
+    from research.train.state import build_model, init_fn
     from research.train.steps import make_train_step
 
     config = sst2_minilm.get_config()
@@ -99,12 +98,9 @@ class Ours:
     config.parallel.mode = args.mode
     model, self.enc = build_model(config, {"sst2": 2})
     mesh = parallel.make_mesh(config.parallel)
-    init = init_fn(model)
-    rng = jax.random.key_data(jax.random.key(0))
-    tx, _ = optim.build(config.optim, jax.eval_shape(init, rng), 1000)
-    create = lambda r: TrainState.create(init(r), tx, r)
-    shardings = parallel.state_shardings(jax.eval_shape(create, rng), mesh, config.parallel)
-    self.state = jax.jit(create, out_shardings=shardings)(rng)
+    plan = setup.plan_state(config, init_fn(model), mesh, 1000)
+    shardings = plan.shardings
+    self.state = jax.jit(plan.create, out_shardings=shardings)(plan.rng)
     self.batch_sharding = parallel.batch_sharding(mesh)
     self.step = parallel.compile_train_step(
       lambda axis: make_train_step(model, "sst2", "classification", 1, axis),
