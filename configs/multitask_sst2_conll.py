@@ -5,13 +5,16 @@ r"""Multi-task: SST-2 sentiment and CoNLL-2003 NER on one all-MiniLM-L6-v2 encod
   python -m research.main --config=configs/multitask_sst2_conll.py:sampling=round_robin \
       --workdir=runs/mt_rr --config.multitask.loss_weights.conll03=2.0
 
-Each step trains one task's batch (see research/train/multitask.py): by default tasks are
-sampled with temperature T=2 (p ~ n^(1/2): SST-2 0.69, CoNLL 0.31 of the steps, where sampling
-proportional to the 67k / 14k train sets would give CoNLL only 17%). The heads and data are those
-of configs/sst2_minilm.py and configs/conll03_minilm.py; results.json holds both tasks' eval and
-``task_steps``. Variants (comma-separated): ``smoke`` (20 steps of 8 on 256-example eval slices),
-``tiny`` (a 2-layer random encoder on the committed fixtures, seconds; for tests),
-``sampling=proportional|temperature|round_robin``, ``init=scratch``. Not yet run at full size.
+Each step trains one task's batch (see research/train/multitask.py). By default the 3500 steps
+are shared 2000 : 1500 (``sampling=weights``): each task gets the steps of its single-task run
+(configs/sst2_minilm.py, configs/conll03_minilm.py, whose heads and data it uses), so the
+comparison is at the same budget per task and in total. ``sampling=temperature`` gives
+p ~ n^(1/T), T=2 (SST-2 0.69, CoNLL 0.31; proportional to the 67k / 14k train sets would give
+CoNLL only 17%). results.json holds both tasks' eval and ``task_steps``. Variants
+(comma-separated): ``smoke`` (20 steps of 8 on 256-example eval slices), ``tiny`` (a 2-layer
+random encoder on the committed fixtures, seconds; for tests),
+``sampling=weights|proportional|temperature|round_robin``, ``init=scratch``. Not yet run at
+full size.
 """
 
 from research import config_lib
@@ -21,9 +24,7 @@ VARIANTS = ("", "smoke", "tiny", "sampling=round_robin", "sampling=proportional,
 
 
 def get_config(arg: str | None = None):
-  arg = config_lib.parse_arg(
-    arg, smoke=False, tiny=False, init="pretrained", sampling="temperature"
-  )
+  arg = config_lib.parse_arg(arg, smoke=False, tiny=False, init="pretrained", sampling="weights")
   c = config_lib.base_config()
   c.experiment = "multitask_sst2_conll"
   c.model.init = arg.init
@@ -32,10 +33,13 @@ def get_config(arg: str | None = None):
   )
   c.tasks.conll03 = config_lib.ner_task("conll2003")
   # Read by research.train.multitask.settings. Every task is named in the weight dicts, so
-  # the locked config takes --config.multitask.loss_weights.conll03=2.0 (weights: sampling=weights).
-  ones = {"sst2": 1.0, "conll03": 1.0}
+  # the locked config takes --config.multitask.loss_weights.conll03=2.0.
   c.multitask = dict(
-    sampling=arg.sampling, temperature=2.0, weights=dict(ones), loss_weights=dict(ones), block=100
+    sampling=arg.sampling,
+    temperature=2.0,
+    weights={"sst2": 2000.0, "conll03": 1500.0},  # The single-task runs' steps.
+    loss_weights={"sst2": 1.0, "conll03": 1.0},
+    block=100,
   )
   # The two single-task budgets (2000 + 1500 steps of 32) together.
   config_lib.finetune(c, steps=3500, best_metric="sst2/accuracy")
