@@ -21,7 +21,7 @@ import optax
 
 
 def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """The same batch as research.bench.train_step.make_batch (same seed, same draws)."""
+  """The benchmark batch; research.bench.train_step.make_batch adds its example_mask to it."""
   rng = np.random.default_rng(seed)
   return {
     "input_ids": rng.integers(1000, min(vocab, 20000), (batch, seq), dtype=np.int32),

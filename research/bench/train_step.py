@@ -68,13 +68,12 @@ def model_flops(layers: int, hidden: int, intermediate: int, batch: int, seq: in
 
 
 def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """A fixed random batch with no padding (both sides compute on every position anyway)."""
-  rng = np.random.default_rng(seed)
+  """A fixed random batch with no padding (both sides compute on every position anyway): the
+  Flax peer's batch (it cannot import this package, so the draws live there) + example_mask."""
+  from research.bench import flax4_peer
+
   return {
-    "input_ids": rng.integers(1000, min(vocab, 20000), (batch, seq), dtype=np.int32),
-    "attention_mask": np.ones((batch, seq), np.int32),
-    "token_type_ids": np.zeros((batch, seq), np.int32),
-    "labels": rng.integers(0, 2, (batch,), dtype=np.int32),
+    **flax4_peer.make_batch(batch, seq, vocab, seed),
     "example_mask": np.ones((batch,), np.float32),
   }
 
