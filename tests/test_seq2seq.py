@@ -167,3 +167,12 @@ def test_seq2seq_eval_joins_batches_of_different_bucket_widths():
   assert labels.shape == (3, 5) and (labels[:2, 3:] == -100).all() and (labels[2] == 7).all()
   assert _concat([a, b], "token")[:2, 3:].tolist() == [[0, 0], [0, 0]]
   assert _concat([np.ones(2), np.zeros(3)], "example_mask").shape == (5,)
+
+
+def test_seq2seq_pretrained_encoder_trains_at_a_tenth_of_the_lr():
+  """At the decoder's lr the pretrained encoder collapsed on Multi30k (README: Translation)."""
+  module = load_config_module("multi30k_bert2rnd")
+  for variant in ("cpu", "cpu,init=bert2bert", ""):
+    rules = dict(module.get_config(variant).optim.lr_multipliers)
+    assert rules == {"encoder/.*": module.ENCODER_LR_FACTOR} and module.ENCODER_LR_FACTOR == 0.1
+  assert not module.get_config("cpu,init=rnd2rnd").optim.lr_multipliers
