@@ -32,6 +32,10 @@ from research import config_lib
 from research.data.registry import default_data_config
 from research.meta.trainer import default_meta_config
 
+# Meta-training steps (4 episodes each) per algorithm: about the same wall time for each, as
+# measured at 5-way 1-shot on 2 CPU cores (s/step: MAML 7.7, FOMAML 4.1, Reptile 7.8, ANIL 2.3).
+META_STEPS = {"maml": 60, "fomaml": 100, "reptile": 60, "anil": 200}
+
 VARIANTS = (
   "",
   "smoke",
@@ -62,7 +66,8 @@ def get_config(arg: str | None = None):
   c.trainer = "meta"
   c.model.dropout = 0.0  # Deterministic inner loops (and exact meta-gradients).
   data = default_data_config(arg.data)
-  data.update(max_length=64, buckets=(32, 64))
+  # 32 tokens keep 94% of BANKING77 and all but 1 of CLINC150's 22,500 utterances whole.
+  data.update(max_length=32, buckets=(16, 24, 32))
   c.tasks[arg.data] = config_lib.task("classification", data, pooling="mean", dropout=0.0)
   c.meta = default_meta_config()
   c.meta.update(
@@ -70,13 +75,18 @@ def get_config(arg: str | None = None):
     k_shot=arg.shot,
     head_init=arg.head_init,
     meta_sgd=arg.meta_sgd,
+    inner_steps=3,
+    eval_inner_steps=5,
+    episodes_per_batch=4,
     valid_episodes=64,
   )
-  c.train.update(steps=500, log_every=10, eval_every=100, checkpoint_every=100)
+  # Equal meta-training compute per method (~460 s on 2 CPU cores at 1-shot), not equal steps.
+  steps = META_STEPS.get(arg.algorithm, 0)
+  c.train.update(steps=steps, log_every=10, eval_every=0, checkpoint_every=20)
   c.optim.update(name="adamw", lr=2e-5, schedule="constant", warmup_fraction=0.0, weight_decay=0.0)
   # finetune and protonet are baselines on the pretrained encoder: they skip meta-training
   # whatever train.steps says. Plain fine-tuning starts each episode from a zero head.
-  c.meta.finetune.update(steps=30, lr=5e-4, head_init="zeros")
+  c.meta.finetune.update(steps=15, lr=5e-4, head_init="zeros")
   if arg.smoke:
     c.train.update(steps=2, log_every=1, eval_every=0, checkpoint_every=2, progress=False)
     c.meta.update(
@@ -114,8 +124,12 @@ def get_sweep():
   """The experiment: 6 methods x 1/5-shot on BANKING77 (12 runs; add data for CLINC150).
 
   python -m launch.local --config=configs/intent_fewshot_maml.py --sweep --workdir=runs
+  python -m launch.local --config=configs/intent_fewshot_maml.py:data=clinc150 --sweep ...
+
+  Each meta-learner keeps its own step budget (META_STEPS); the baselines do not meta-train.
   """
-  return {
-    "meta.algorithm": ["maml", "fomaml", "anil", "reptile", "protonet", "finetune"],
-    "meta.k_shot": [1, 5],
-  }
+  return [
+    {"meta.algorithm": a, "meta.k_shot": k, "train.steps": META_STEPS.get(a, 0)}
+    for k in (1, 5)
+    for a in ("maml", "fomaml", "anil", "reptile", "protonet", "finetune")
+  ]

@@ -259,6 +259,24 @@ def test_maml_meta_gradient_averages_episodes(setup):
   assert set(aux) >= {"loss", "accuracy"}
 
 
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_maml_episode_loop_scan_equals_vmap(setup, algorithm):
+  """``meta.episode_loop='scan'`` (episodes in turn, 1/E memory) is the same meta-gradient."""
+  model, params, _ = setup
+  eps_list = [make_episode(s) for s in (5, 6)]
+  batch = {k: np.stack([e[k] for e in eps_list]) for k in eps_list[0]}
+  got = {
+    loop: jit(
+      lambda p, b, loop=loop: meta_gradient(
+        learner(model, algorithm=algorithm, episode_loop=loop), p, b
+      )
+    )(params, batch)
+    for loop in ("vmap", "scan")
+  }
+  assert max_rel(got["scan"][0], got["vmap"][0]) < 1e-5
+  np.testing.assert_allclose(got["scan"][1]["loss"], got["vmap"][1]["loss"], rtol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("head_init", ["zeros", "proto"])
 def test_maml_head_init_and_baselines_evaluate(setup, head_init):

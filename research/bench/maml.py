@@ -70,6 +70,7 @@ class Ours:
       n_way=args.way,
       inner_steps=args.inner_steps,
       remat_inner=remat,
+      episode_loop=args.episode_loop,
       head_init="zeros",
       inner_lr=args.inner_lr,
     )
@@ -201,6 +202,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--seq", type=int, default=32)
   p.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians over them)")
   p.add_argument("--steps", type=int, default=1, help="meta-steps per round and side")
+  p.add_argument("--episode_loop", choices=("vmap", "scan"), default="vmap")
   p.add_argument("--dtype", default="float32", help="compute dtype of ours")
   p.add_argument("--peer", choices=("torch_func", "none"), default="torch_func")
   p.add_argument("--torch_device", default="auto", help="'cpu' to keep the peer off the GPU")

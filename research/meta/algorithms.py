@@ -53,6 +53,7 @@ class Settings:
   eval_inner_steps: int = 10
   first_order: bool = False
   remat: bool = False
+  episode_loop: str = "vmap"
   meta_sgd: bool = False
   head_init: str = "zeros"
   finetune_steps: int = 20
@@ -62,6 +63,8 @@ class Settings:
   def __post_init__(self):
     if self.algorithm not in ALGORITHMS:
       raise ValueError(f"meta.algorithm={self.algorithm!r}: expected one of {ALGORITHMS}")
+    if self.episode_loop not in ("vmap", "scan"):
+      raise ValueError(f"meta.episode_loop={self.episode_loop!r}: expected 'vmap' or 'scan'")
     for name in ("head_init", "finetune_head_init"):
       if getattr(self, name) not in HEAD_INITS:
         raise ValueError(f"meta.{name}={getattr(self, name)!r}: expected one of {HEAD_INITS}")
@@ -89,6 +92,7 @@ def settings_from_config(meta_cfg: Any) -> Settings:
     eval_inner_steps=meta_cfg.eval_inner_steps,
     first_order=algorithm in ("fomaml", "reptile") or meta_cfg.first_order,
     remat=meta_cfg.remat_inner,
+    episode_loop=meta_cfg.get("episode_loop", "vmap"),
     meta_sgd=meta_cfg.meta_sgd,
     head_init=meta_cfg.head_init,
     finetune_steps=meta_cfg.finetune.steps,

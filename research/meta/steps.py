@@ -29,14 +29,32 @@ def meta_gradient(learner: MetaLearner, params: Any, batch: Batch) -> tuple[Any,
   MAML/FOMAML/ANIL/ProtoNet differentiate the mean query loss (one gradient tree, not one per
   episode); Reptile averages ``params - adapted`` over the episodes.
   """
+  mean = lambda t: jax.tree.map(lambda x: jnp.mean(x, 0), t)
   if learner.s.algorithm == "reptile":
-    directions, aux = jax.vmap(learner.reptile_direction, in_axes=(None, 0))(params, batch)
-    mean = lambda t: jax.tree.map(lambda x: jnp.mean(x, 0), t)
+    per_episode = learner.reptile_direction
+  else:
+
+    def per_episode(p, episode):
+      (_, aux), grads = jax.value_and_grad(learner.query_loss, has_aux=True)(p, episode)
+      return grads, aux
+
+  if learner.s.episode_loop == "scan":  # One episode at a time: shared weights, 1/E memory.
+
+    def body(total, episode):
+      grads, aux = per_episode(params, episode)
+      return jax.tree.map(jnp.add, total, grads), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    total, aux = jax.lax.scan(body, zeros, batch)
+    episodes = batch["support_labels"].shape[0]
+    return jax.tree.map(lambda g: g / episodes, total), mean(aux)
+  if learner.s.algorithm == "reptile":
+    directions, aux = jax.vmap(per_episode, in_axes=(None, 0))(params, batch)
     return mean(directions), mean(aux)
 
   def objective(p):
     losses, aux = jax.vmap(learner.query_loss, in_axes=(None, 0))(p, batch)
-    return jnp.mean(losses), jax.tree.map(lambda x: jnp.mean(x, 0), aux)
+    return jnp.mean(losses), mean(aux)
 
   (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
   return grads, aux

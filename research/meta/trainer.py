@@ -251,6 +251,7 @@ def default_meta_config() -> ml_collections.ConfigDict:
       eval_inner_steps=10,
       first_order=False,
       remat_inner=False,
+      episode_loop="vmap",  # vmap | scan: the episodes of a meta-batch in parallel or in turn
       meta_sgd=False,
       head_init="zeros",  # learned | zeros | proto
       n_way=5,
