@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from train_util import load_config_module, max_abs_diff
 
-from research.meta import trainer
+from research.meta import report, trainer
 from research.train import checkpoints as ckpt_lib
 
 
@@ -77,3 +77,25 @@ def test_maml_baselines_skip_meta_training(tmp_path, algorithm):
   results = trainer.train_and_evaluate(tiny(algorithm=algorithm), str(tmp_path))
   assert results["steps"] == 0 and results["meta"]["algorithm"] == algorithm
   assert np.load(tmp_path / "test_episode_accuracy.npy").shape == (16,)
+
+
+def test_maml_report_pairs_methods_with_finetune_on_the_same_episodes(tmp_path):
+  """The report's paired difference: mean and 1.96 SE of per-episode differences."""
+  rng = np.random.default_rng(0)
+  base = rng.uniform(0.4, 1.0, 600)
+  better = np.clip(base + rng.choice([0.0, 0.2], 600), 0, 1)
+  for algorithm, accs in (("finetune", base), ("anil", better)):
+    run = tmp_path / algorithm
+    run.mkdir()
+    np.save(run / "test_episode_accuracy.npy", accs)
+    meta = dict(algorithm=algorithm, data="banking77", n_way=5, k_shot=1, test_seed=1234)
+    results = {"eval": {"banking77": trainer.mean_ci95(accs)}, "steps": 0, "meta": meta}
+    (run / "results.json").write_text(json.dumps(results))
+  out = tmp_path / "table.json"
+  assert report.main([str(tmp_path), f"--json={out}"]) == 0
+  cells = json.loads(out.read_text())["banking77 5-way 1-shot"]
+  d = better - base
+  assert cells["anil"]["vs_finetune"]["difference"] == pytest.approx(d.mean())
+  assert cells["anil"]["vs_finetune"]["ci95"] == pytest.approx(1.96 * d.std(ddof=1) / 600**0.5)
+  assert "vs_finetune" not in cells["finetune"]
+  assert cells["anil"]["accuracy"] == pytest.approx(better.mean())
