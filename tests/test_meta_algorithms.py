@@ -20,7 +20,7 @@ import pytest
 from research import paths
 from research.meta import inner
 from research.meta.algorithms import MetaLearner, Settings, cross_entropy
-from research.meta.steps import make_meta_step, meta_gradient
+from research.meta.steps import make_eval_step, make_meta_step, meta_gradient
 from research.models.config import EncoderConfig
 from research.models.heads import HeadConfig
 from research.models.task_model import init_params, make_task_model
@@ -275,6 +275,12 @@ def test_maml_episode_loop_scan_equals_vmap(setup, algorithm):
   }
   assert max_rel(got["scan"][0], got["vmap"][0]) < 1e-5
   np.testing.assert_allclose(got["scan"][1]["loss"], got["vmap"][1]["loss"], rtol=1e-6)
+  if algorithm == "maml":
+    accs = {
+      loop: jit(make_eval_step(learner(model, episode_loop=loop)))(params, batch)
+      for loop in ("vmap", "scan")
+    }
+    np.testing.assert_array_equal(accs["scan"], accs["vmap"])
 
 
 @pytest.mark.slow
