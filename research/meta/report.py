@@ -67,14 +67,16 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
       episode_accs[(col, algorithm)] = np.load(npy)
   for col, by_algorithm in cells.items():
     base = episode_accs.get((col, BASELINE))
+    if base is None:
+      continue
     for algorithm, scores in by_algorithm.items():
       accs = episode_accs.get((col, algorithm))
-      same = BASELINE in by_algorithm and (
-        by_algorithm[BASELINE]["test_seed"] == scores["test_seed"]
+      same_episodes = (
+        accs is not None
+        and accs.shape == base.shape
+        and scores["test_seed"] == by_algorithm[BASELINE]["test_seed"]
       )
-      if algorithm == BASELINE or base is None or accs is None or not same:
-        continue
-      if accs.shape != base.shape:
+      if algorithm == BASELINE or not same_episodes:
         continue
       diff = mean_ci95(accs - base)
       scores["vs_finetune"] = {"difference": diff["accuracy"], "ci95": diff["ci95"]}
