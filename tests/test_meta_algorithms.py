@@ -152,6 +152,50 @@ def test_fomaml_equals_reference_with_second_order_term_stopped(setup):
   assert max_rel(got, ref) < 1e-4
 
 
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(),
+    dict(algorithm="anil", inner=("heads/.*",)),
+    dict(head_init="proto"),
+    dict(meta_sgd=True),
+  ],
+  ids=["maml", "anil", "proto_maml", "meta_sgd"],
+)
+def test_maml_forward_over_reverse_hvp_same_meta_gradient(setup, kw):
+  """``meta.hvp='forward'`` (custom-VJP inner steps, HVPs by jvp of grad) is the same gradient,
+  including the parts that flow through the fixed parameters (ANIL's encoder), the episode's
+  prototype head and Meta-SGD's learned inner learning rates."""
+  model, params, ep = setup
+  if kw.get("meta_sgd"):
+    params = {**params, "inner_lr": inner.inner_lr_tree(params, (".*",), LR)}
+  reverse = meta_grad(learner(model, **kw), params, ep)
+  forward = meta_grad(learner(model, hvp="forward", **kw), params, ep)
+  assert max_rel(forward, reverse) < 1e-5
+  if not kw:
+    ref = jit(reference_maml, static_argnums=(0, 3))(model, params, ep, False)
+    assert max_rel(forward, ref) < 1e-4
+  if kw.get("meta_sgd"):
+    assert float(optax.global_norm(forward["inner_lr"])) > 0
+
+
+def test_maml_forward_hvp_differentiates_the_support_losses():
+  """The support losses sgd_adapt returns carry their gradient too (a loss on them)."""
+  rng = np.random.default_rng(0)
+  m = rng.standard_normal((3, 3))
+  a = jnp.asarray(m @ m.T / 3 + np.eye(3))
+  c = jnp.asarray(rng.standard_normal(3))
+
+  def objective(theta, hvp):
+    loss = lambda w: 0.5 * (w["x"] - c) @ a @ (w["x"] - c) + jnp.sum(jnp.sin(w["x"]))
+    w, losses = inner.sgd_adapt(loss, {"x": theta}, 0.1, 3, hvp=hvp)
+    return jnp.sum(w["x"] ** 2) + jnp.sum(losses)
+
+  theta = jnp.asarray(rng.standard_normal(3))
+  want = jax.grad(objective)(theta, "reverse")
+  np.testing.assert_allclose(jax.grad(objective)(theta, "forward"), want, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_maml_remat_inner_steps_same_gradient(setup):
   model, params, ep = setup
@@ -259,8 +303,10 @@ def test_maml_meta_gradient_averages_episodes(setup):
   assert set(aux) >= {"loss", "accuracy"}
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
-def test_maml_episode_loop_scan_equals_vmap(setup, algorithm):
+@pytest.mark.parametrize(
+  "algorithm,hvp", [("maml", "reverse"), ("maml", "forward"), ("reptile", "reverse")]
+)
+def test_maml_episode_loop_scan_equals_vmap(setup, algorithm, hvp):
   """``meta.episode_loop='scan'`` (episodes in turn, 1/E memory) is the same meta-gradient."""
   model, params, _ = setup
   eps_list = [make_episode(s) for s in (5, 6)]
@@ -268,7 +314,7 @@ def test_maml_episode_loop_scan_equals_vmap(setup, algorithm):
   got = {
     loop: jit(
       lambda p, b, loop=loop: meta_gradient(
-        learner(model, algorithm=algorithm, episode_loop=loop), p, b
+        learner(model, algorithm=algorithm, episode_loop=loop, hvp=hvp), p, b
       )
     )(params, batch)
     for loop in ("vmap", "scan")

@@ -54,6 +54,7 @@ class Settings:
   first_order: bool = False
   remat: bool = False
   episode_loop: str = "vmap"
+  hvp: str = "reverse"
   meta_sgd: bool = False
   head_init: str = "zeros"
   finetune_steps: int = 20
@@ -65,6 +66,8 @@ class Settings:
       raise ValueError(f"meta.algorithm={self.algorithm!r}: expected one of {ALGORITHMS}")
     if self.episode_loop not in ("vmap", "scan"):
       raise ValueError(f"meta.episode_loop={self.episode_loop!r}: expected 'vmap' or 'scan'")
+    if self.hvp not in ("reverse", "forward"):
+      raise ValueError(f"meta.hvp={self.hvp!r}: expected 'reverse' or 'forward'")
     for name in ("head_init", "finetune_head_init"):
       if getattr(self, name) not in HEAD_INITS:
         raise ValueError(f"meta.{name}={getattr(self, name)!r}: expected one of {HEAD_INITS}")
@@ -93,6 +96,7 @@ def settings_from_config(meta_cfg: Any) -> Settings:
     first_order=algorithm in ("fomaml", "reptile") or meta_cfg.first_order,
     remat=meta_cfg.remat_inner,
     episode_loop=meta_cfg.get("episode_loop", "vmap"),
+    hvp=meta_cfg.get("hvp", "reverse"),
     meta_sgd=meta_cfg.meta_sgd,
     head_init=meta_cfg.head_init,
     finetune_steps=meta_cfg.finetune.steps,
@@ -175,7 +179,13 @@ class MetaLearner:
       )
     lrs = inner.fast_lrs(params, fast, self.s.inner_lr)
     fast, losses = inner.sgd_adapt(
-      loss_fn, fast, lrs, steps, first_order=self.s.first_order, remat=self.s.remat
+      loss_fn,
+      fast,
+      lrs,
+      steps,
+      first_order=self.s.first_order,
+      remat=self.s.remat,
+      hvp=self.s.hvp,
     )
     return inner.merge(fast, rest), losses
 

@@ -8,16 +8,24 @@ off as a flat ``{path: leaf}`` dict (the *fast* weights); the rest stay fixed in
 ``lax.scan`` over inner steps of plain SGD, ``jax.checkpoint``-ed per step when asked (the
 backward pass then recomputes each step instead of storing its activations). First order stops
 the gradient of the inner gradients, so the meta-gradient drops the Hessian terms.
+
+The second-order term can be differentiated two ways (``hvp``): ``'reverse'`` lets autodiff
+differentiate the scanned inner gradients (reverse-over-reverse: every step's forward and
+backward activations are stored for the meta-gradient); ``'forward'`` gives each inner step a
+custom VJP that recomputes the step and takes its Hessian-vector products forward-over-reverse
+(``jax.jvp`` of ``jax.grad``), storing only the weights per step. Both are exact.
 :func:`optax_adapt` is the fine-tuning baseline's loop (any optax optimizer, no meta-gradient).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from research import paths
@@ -56,6 +64,7 @@ def sgd_adapt(
   *,
   first_order: bool = False,
   remat: bool = False,
+  hvp: str = "reverse",
 ) -> tuple[Flat, jax.Array]:
   """``steps`` steps of SGD on ``loss_fn`` from ``fast``; differentiable w.r.t. everything.
 
@@ -66,6 +75,8 @@ def sgd_adapt(
     steps: inner steps (0 returns ``fast`` unchanged).
     first_order: stop the gradient through the inner gradients (FOMAML, Reptile).
     remat: ``jax.checkpoint`` each step (memory for compute in the meta-gradient).
+    hvp: ``'reverse'`` or ``'forward'``: how the second-order term is differentiated (module
+      docstring); ``'forward'`` recomputes each step anyway, so ``remat`` is moot there.
 
   Returns:
     ``(adapted fast weights, [steps] support losses before each step)``.
@@ -82,9 +93,86 @@ def sgd_adapt(
 
   if steps == 0:
     return fast, jnp.zeros([0], jnp.float32)
-  if remat:
+  if hvp not in ("reverse", "forward"):
+    raise ValueError(f"meta.hvp={hvp!r}: expected 'reverse' or 'forward'")
+  if hvp == "forward" and not first_order:
+    converted, floats, ints = _hoist_closure(loss_fn, fast)
+    lr_tree = {k: jnp.asarray(lrs[k], w.dtype) for k, w in fast.items()}
+
+    def step(w: Flat, _):
+      return _sgd_step(converted, w, lr_tree, floats, ints)
+
+  elif remat:
     step = jax.checkpoint(step)
   return jax.lax.scan(step, fast, None, length=steps)
+
+
+def _hoist_closure(loss_fn: LossFn, fast: Flat) -> tuple[Callable, tuple, tuple]:
+  """``(f, floats, ints)`` with ``f(w, floats, ints) == loss_fn(w)``: every array ``loss_fn``
+  closes over (fixed parameters, ANIL's features, the episode's token ids) made an argument, as
+  a custom VJP needs (``jax.closure_convert`` hoists only the differentiated ones)."""
+  closed = jax.make_jaxpr(loss_fn)(fast)
+  consts = list(closed.consts)
+  is_float = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
+  floats = tuple(c for c, f in zip(consts, is_float) if f)
+  ints = tuple(c for c, f in zip(consts, is_float) if not f)
+
+  def converted(w: Flat, floats: tuple, ints: tuple) -> jax.Array:
+    fi, ii = iter(floats), iter(ints)
+    values = [next(fi) if f else next(ii) for f in is_float]
+    return jax.core.eval_jaxpr(closed.jaxpr, values, *jax.tree.leaves(w))[0]
+
+  return converted, floats, ints
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sgd_step(loss_fn: Callable, w: Flat, lrs: Flat, floats: tuple, ints: tuple):
+  """``w - lrs * grad loss_fn(w, ...)`` and the loss; VJP by forward-over-reverse HVPs."""
+  loss, grads = jax.value_and_grad(loss_fn)(w, floats, ints)
+  return {k: w[k] - lrs[k] * grads[k] for k in w}, loss
+
+
+def _sgd_step_fwd(loss_fn, *args):
+  # symbolic_zeros: the arguments arrive wrapped (with whether each is perturbed).
+  w, lrs, floats, ints = jax.tree.map(
+    lambda a: a.value, args, is_leaf=lambda a: isinstance(a, jax.custom_derivatives.CustomVJPPrimal)
+  )
+  return _sgd_step(loss_fn, w, lrs, floats, ints), (w, lrs, floats, ints)
+
+
+def _sgd_step_bwd(loss_fn, residuals, cotangents):
+  """With ``u = lrs * v`` (``v`` the cotangent of the new weights) and ``H`` the Hessian of the
+  loss in ``(w, floats)``: ``w`` gets ``v - H_ww u``, ``floats`` get ``-H_fw u`` (symmetry of
+  second derivatives makes both one JVP of the gradient along ``u``), ``lrs`` get ``-g * v``;
+  a cotangent on the returned loss (usually a symbolic zero) adds its gradient."""
+  w, lrs, floats, ints = residuals
+  v, loss_ct = cotangents
+  v = {k: _instantiate(v[k], w[k]) for k in w}
+  grad_fn = jax.grad(lambda w, c: loss_fn(w, c, ints), argnums=(0, 1))
+  u = {k: lrs[k] * v[k] for k in w}
+  zeros = jax.tree.map(jnp.zeros_like, floats)
+  (g_w, g_c), (h_w, h_c) = jax.jvp(grad_fn, (w, floats), (u, zeros))
+  w_ct = {k: v[k] - h_w[k] for k in w}
+  floats_ct = tuple(-h for h in h_c)
+  if not isinstance(loss_ct, jax.custom_derivatives.SymbolicZero):
+    w_ct = {k: w_ct[k] + loss_ct * g_w[k] for k in w}
+    floats_ct = tuple(ct + loss_ct * g for ct, g in zip(floats_ct, g_c))
+  lrs_ct = {k: _sum_to(-g_w[k] * v[k], lrs[k].shape) for k in w}
+  ints_ct = tuple(np.zeros(jnp.shape(i), jax.dtypes.float0) for i in ints)
+  return w_ct, lrs_ct, floats_ct, ints_ct
+
+
+def _instantiate(ct: Any, like: jax.Array) -> jax.Array:
+  """A cotangent that may be a symbolic zero, as an array."""
+  return jnp.zeros_like(like) if isinstance(ct, jax.custom_derivatives.SymbolicZero) else ct
+
+
+def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """``x`` summed down to ``shape`` (a scalar or same-shaped learning rate)."""
+  return x if x.shape == tuple(shape) else jnp.sum(x).reshape(shape)
+
+
+_sgd_step.defvjp(_sgd_step_fwd, _sgd_step_bwd, symbolic_zeros=True)
 
 
 def optax_adapt(

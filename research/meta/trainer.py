@@ -252,6 +252,7 @@ def default_meta_config() -> ml_collections.ConfigDict:
       first_order=False,
       remat_inner=False,
       episode_loop="vmap",  # vmap | scan: the episodes of a meta-batch in parallel or in turn
+      hvp="reverse",  # reverse | forward: second-order term by autodiff, or custom-VJP HVPs
       meta_sgd=False,
       head_init="zeros",  # learned | zeros | proto
       n_way=5,
