@@ -1,0 +1,34 @@
+"""research.bench.maml at a tiny shape: every side computes the same first meta-loss.
+
+The benchmark's correctness check (ours, second order by reverse-over-reverse and by forward
+HVPs, against ``torch.func`` on transformers' BertModel, all from all-MiniLM-L6-v2 on the same
+batch) and its output contract (``speedup_vs_torch_func=`` last).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_maml_bench_sides_agree_on_the_first_meta_loss(minilm_dir):
+  pytest.importorskip("torch")
+  cmd = [sys.executable, "-m", "research.bench.maml", "--episodes=1", "--shot=1", "--query=1"]
+  cmd += ["--inner_steps=1", "--seq=8", "--rounds=1", "--variants=second,hvp"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as users run it.
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert re.fullmatch(r"speedup_vs_torch_func=\d+\.\d\d", lines[-1]), lines[-1]
+  first = next(line for line in lines if line.startswith("first meta-loss"))
+  losses = [float(x) for x in re.findall(r" (\d+\.\d+)", first)]
+  assert len(losses) == 3, first
+  assert max(losses) - min(losses) < 1e-4, first
