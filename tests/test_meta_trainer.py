@@ -99,3 +99,64 @@ def test_maml_report_pairs_methods_with_finetune_on_the_same_episodes(tmp_path):
   assert cells["anil"]["vs_finetune"]["ci95"] == pytest.approx(1.96 * d.std(ddof=1) / 600**0.5)
   assert "vs_finetune" not in cells["finetune"]
   assert cells["anil"]["accuracy"] == pytest.approx(better.mean())
+
+
+def test_maml_meta_test_resumes_after_a_kill(tmp_path, monkeypatch):
+  """A meta-test killed after its first batch continues from the saved scores and position."""
+  config = tiny(algorithm="protonet")  # No meta-training: the test is the whole run.
+  full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
+  expected = np.load(tmp_path / "full" / "test_episode_accuracy.npy")
+  assert not (tmp_path / "full" / "meta_test_progress.json").exists()  # Removed when done.
+
+  save = trainer.TestProgress.save
+
+  def save_then_die(self, scores, it):
+    save(self, scores, it)
+    raise KeyboardInterrupt
+
+  run = tmp_path / "killed"
+  with monkeypatch.context() as m:
+    m.setattr(trainer.TestProgress, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+      trainer.train_and_evaluate(config, str(run))
+  progress = json.loads((run / "meta_test_progress.json").read_text())
+  assert [len(b) for b in progress["accuracies"]] == [8]  # One batch of 8 episodes scored.
+  np.testing.assert_array_equal(progress["accuracies"][0], expected[:8])
+
+  # Mark the saved scores: the rerun must take them from the file and score only the rest.
+  progress["accuracies"][0] = [0.125] * 8
+  (run / "meta_test_progress.json").write_text(json.dumps(progress))
+  resumed = trainer.train_and_evaluate(config, str(run))
+  accs = np.load(run / "test_episode_accuracy.npy")
+  np.testing.assert_array_equal(accs[:8], np.full(8, 0.125, np.float32))
+  np.testing.assert_array_equal(accs[8:], expected[8:])
+  assert resumed["eval"]["banking77"]["episodes"] == full["eval"]["banking77"]["episodes"] == 16
+
+
+def test_maml_meta_test_progress_for_other_params_is_ignored(tmp_path):
+  """A progress file keyed by other params or settings never mixes into new scores."""
+
+  class Iterator:
+    def __init__(self):
+      self.state = None
+
+    def get_state(self):
+      return {"position": 1}
+
+    def set_state(self, state):
+      self.state = state
+
+  path, logs = tmp_path / "progress.json", []
+  old = trainer.TestProgress(path, {"step": 4, "meta": {"inner": ()}}, logs.append, write=True)
+  old.save([np.array([0.5, 1.0], np.float32)], Iterator())
+  it = Iterator()
+  same = trainer.TestProgress(path, {"step": 4, "meta": {"inner": ()}}, logs.append, write=True)
+  np.testing.assert_array_equal(np.concatenate(same.resume(it)), [0.5, 1.0])
+  assert it.state == {"position": 1} and "resuming after 2 episodes" in logs[-1]
+  other = trainer.TestProgress(path, {"step": 5, "meta": {"inner": ()}}, logs.append, write=True)
+  it = Iterator()
+  assert other.resume(it) == [] and it.state is None and "starting over" in logs[-1]
+  path.write_text("{truncated")
+  assert same.resume(Iterator()) == [] and "unreadable" in logs[-1]
+  same.done()
+  assert not path.exists()

@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -73,10 +75,76 @@ def episode_iterator(config, tokenizer, class_split: str, seed: int, episodes: i
   )
 
 
-def evaluate(eval_step, params, it, put) -> np.ndarray:
-  """Per-episode query accuracies over a finite episode iterator."""
-  out = [np.asarray(jax.device_get(eval_step(params, put(b)))) for b in it]
+def evaluate(eval_step, params, it, put, progress: TestProgress | None = None) -> np.ndarray:
+  """Per-episode query accuracies over a finite episode iterator.
+
+  With ``progress``, the scores so far and the iterator's position are saved after every batch
+  and a rerun continues after the last saved batch (see :class:`TestProgress`).
+  """
+  out = progress.resume(it) if progress else []
+  for b in it:
+    out.append(np.asarray(jax.device_get(eval_step(params, put(b)))))
+    if progress:
+      progress.save(out, it)
   return np.concatenate(out) if out else np.zeros([0])
+
+
+class TestProgress:
+  """A resumable meta-test: per-batch accuracies and the episode iterator position on disk.
+
+  600 meta-test episodes take up to an hour on a CPU; a run killed in the middle (a preempted
+  job, a session's end) should not score them all again. The file is keyed by what the scores
+  depend on: the meta-trained step, a checksum of the params and the ``meta`` settings; a file
+  with another key is ignored (and overwritten), so a stale file never mixes into new scores.
+  JSON, written atomically by process 0; removed when the meta-test completes.
+  """
+
+  def __init__(self, path: Path, key: dict[str, Any], log: Callable[[str], None], write: bool):
+    self.path, self.log, self.write = path, log, write
+    self.key = json.loads(json.dumps(key))  # As it reads back (tuples become lists).
+
+  def resume(self, it) -> list[np.ndarray]:
+    """Scores saved by an earlier run with the same key, after moving ``it`` past them."""
+    if not self.path.exists():
+      return []
+    try:
+      saved = json.loads(self.path.read_text())
+    except json.JSONDecodeError as e:
+      self.log(f"meta-test: ignoring unreadable progress file {self.path} ({e})")
+      return []
+    if saved.get("key") != self.key:
+      self.log(f"meta-test: {self.path} was saved for other params or settings; starting over")
+      return []
+    it.set_state(saved["iterator"])
+    scores = [np.asarray(b, np.float32) for b in saved["accuracies"]]
+    self.log(f"meta-test: resuming after {sum(len(b) for b in scores)} episodes from {self.path}")
+    return scores
+
+  def save(self, scores: list[np.ndarray], it) -> None:
+    if not self.write:
+      return
+    state = {
+      "key": self.key,
+      "iterator": it.get_state(),
+      "accuracies": [b.tolist() for b in scores],
+    }
+    tmp = self.path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(self.path)
+
+  def done(self) -> None:
+    if self.write:
+      self.path.unlink(missing_ok=True)
+
+
+def params_checksum(params) -> float:
+  """A fingerprint of a params pytree: every leaf's sum plus its sum of squares (one jit)."""
+
+  def total(p):
+    leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(p)]
+    return sum(jnp.sum(x) + jnp.sum(x * x) for x in leaves)
+
+  return float(jax.jit(total)(params))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -198,7 +266,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Held-out meta-test episodes. -------------------------------------------------------
   t_test = time.time()
-  accs = evaluate(eval_step, state.params, test_it(), put)
+  key = {"step": steps, "params": params_checksum(state.params), "meta": meta.to_dict()}
+  progress = TestProgress(workdir / "meta_test_progress.json", key, writer.print, is_main)
+  accs = evaluate(eval_step, state.params, test_it(), put, progress)
+  progress.done()
   test = mean_ci95(accs)
   writer.write(steps, "test", {"task": task, **test})
   writer.print(
