@@ -31,6 +31,13 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(minilm_dir):
+  """all-MiniLM-L6-v2's (BERT uncased WordPiece) tokenizer."""
+  transformers = pytest.importorskip("transformers")
+  return transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
   root = data_root()
   if not root.is_dir():

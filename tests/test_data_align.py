@@ -13,12 +13,6 @@ from research.data.builders import conll
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
 
-@pytest.fixture(scope="module")
-def tokenizer(minilm_dir):
-  transformers = pytest.importorskip("transformers")
-  return transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
-
-
 def decode_words(batches, names):
   """Word-level tag names per real row: the labels that are not -100, in order."""
   out = []

@@ -14,12 +14,6 @@ from research.data import build_iterator, default_data_config, label_names
 tfds = pytest.importorskip("tensorflow_datasets")
 
 
-@pytest.fixture(scope="module")
-def tokenizer(minilm_dir):
-  transformers = pytest.importorskip("transformers")
-  return transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
-
-
 def test_builder_catalog_glue_sst2_mock(tmp_path, tokenizer):
   cfg = default_data_config("glue_sst2", data_dir=str(tmp_path), max_length=64)
   with tfds.testing.mock_data(num_examples=50):

@@ -14,12 +14,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(minilm_dir):
-  transformers = pytest.importorskip("transformers")
-  return transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
-
-
-@pytest.fixture(scope="module")
 def banking_fixture(tmp_path_factory):
   return default_data_config(
     "banking77",

@@ -36,7 +36,7 @@ from research.train import checkpoints as ckpt_lib
 from research.train import parallel, setup
 from research.train.metrics import MetricWriter
 from research.train.state import build_model, init_fn
-from research.train.trainer import Prefetcher, _single_task, _tokenizer
+from research.train.trainer import Prefetcher, _single_task, _tokenizer, open_workdir
 
 
 def mean_ci95(values: np.ndarray) -> dict[str, float]:
@@ -163,11 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       with fewer than ``k_shot + q_query`` examples, named with its count), or bad settings.
   """
   t_start = time.time()
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  workdir, is_main = open_workdir(config, workdir)
   task, _ = _single_task(config)
   meta, tcfg = config.meta, config.train
   settings = settings_from_config(meta)

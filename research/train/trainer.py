@@ -89,6 +89,17 @@ def _single_task(config) -> tuple[str, ml_collections.ConfigDict]:
   return next(iter(config.tasks.items()))
 
 
+def open_workdir(config: ml_collections.ConfigDict, workdir: str) -> tuple[Path, bool]:
+  """Creates the run directory, writes its config.json (process 0 only); returns it and
+  whether this is process 0, the one that writes logs and results."""
+  path = Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  return path, is_main
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -106,11 +117,7 @@ def train_and_evaluate(
   from research.data import input_pipeline
 
   t_start = time.time()
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  workdir, is_main = open_workdir(config, workdir)
   tasks, tcfg = dict(config.tasks), config.train
   mt = multitask.settings(config)
   labels = {task: input_pipeline.label_names(t.data) for task, t in tasks.items()}
