@@ -79,13 +79,18 @@ def evaluate(eval_step, params, it, put, progress: TestProgress | None = None) -
   """Per-episode query accuracies over a finite episode iterator.
 
   With ``progress``, the scores so far and the iterator's position are saved after every batch
-  and a rerun continues after the last saved batch (see :class:`TestProgress`).
+  and a rerun continues after the last saved batch (see :class:`TestProgress`); every tenth of
+  the way a line gives the running accuracy.
   """
   out = progress.resume(it) if progress else []
+  report_every = max(1, it.num_batches // 10)
   for b in it:
     out.append(np.asarray(jax.device_get(eval_step(params, put(b)))))
     if progress:
       progress.save(out, it)
+      if len(out) % report_every == 0 and len(out) < it.num_batches:
+        done = np.concatenate(out)
+        progress.log(f"meta-test: {len(done)} episodes, accuracy so far {done.mean():.4f}")
   return np.concatenate(out) if out else np.zeros([0])
 
 
