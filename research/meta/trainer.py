@@ -101,7 +101,8 @@ class TestProgress:
   job, a session's end) should not score them all again. The file is keyed by what the scores
   depend on: the meta-trained step, a checksum of the params and the ``meta`` settings; a file
   with another key is ignored (and overwritten), so a stale file never mixes into new scores.
-  JSON, written atomically by process 0; removed when the meta-test completes.
+  JSON, written atomically by process 0 and read by every process (the workdir is shared, as
+  for checkpoints); removed when the meta-test completes.
   """
 
   def __init__(self, path: Path, key: dict[str, Any], log: Callable[[str], None], write: bool):
