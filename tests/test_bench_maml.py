@@ -2,13 +2,15 @@
 
 The benchmark's correctness check (ours, second order by reverse-over-reverse and by forward
 HVPs, against ``torch.func`` on transformers' BertModel, all from all-MiniLM-L6-v2 on the same
-batch) and its output contract (``speedup_vs_torch_func=`` last).
+batch) and its output contract (``speedup_vs_torch_func=`` last); also from a random checkpoint
+when only a config.json is at hand (``--init=random``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_maml_bench_sides_agree_on_the_first_meta_loss(minilm_dir):
+@pytest.mark.parametrize("init", ["pretrained", "random"])
+def test_maml_bench_sides_agree_on_the_first_meta_loss(minilm_dir, tmp_path, init):
+  """``random``: from a directory holding only MiniLM's config.json, as on the GPU machine."""
   pytest.importorskip("torch")
   cmd = [sys.executable, "-m", "research.bench.maml", "--episodes=1", "--shot=1", "--query=1"]
-  cmd += ["--inner_steps=1", "--seq=8", "--rounds=1", "--variants=second,hvp"]
+  cmd += ["--inner_steps=1", "--seq=8", "--rounds=1", "--variants=second,hvp", f"--init={init}"]
+  if init == "random":
+    shutil.copy(minilm_dir / "config.json", tmp_path / "config.json")
+    cmd.append(f"--model={tmp_path}")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as users run it.
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]

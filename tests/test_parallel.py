@@ -46,15 +46,17 @@ def train(
   dropout: float = 0.0,
   steps: int = STEPS,
   dtype: str = "float32",
+  platform: str | None = None,
 ):
-  """Losses of ``steps`` steps and the final state, built the way the trainer builds them."""
-  key = (mode, devices, fsdp, dropout, steps, dtype)
+  """Losses of ``steps`` steps and the final state, built the way the trainer builds them, on
+  the first ``devices`` devices of ``platform`` (None: the default backend)."""
+  key = (mode, devices, fsdp, dropout, steps, dtype, platform)
   if key not in _RUNS:
     _RUNS[key] = _train(*key)
   return _RUNS[key]
 
 
-def _train(mode: str, devices: int, fsdp: int, dropout: float, steps: int, dtype: str):
+def _train(mode, devices, fsdp, dropout, steps, dtype, platform):
   config = tiny_config()
   config.model.encoder_overrides = {**config.model.encoder_overrides, "vocab_size": VOCAB}
   config.model.dropout = dropout
@@ -62,7 +64,7 @@ def _train(mode: str, devices: int, fsdp: int, dropout: float, steps: int, dtype
   config.parallel.update(mode=mode, fsdp=fsdp)
   config.model.dtype = dtype
   model, _ = build_model(config, {"sst2": 2})
-  mesh = parallel.make_mesh(config.parallel, jax.devices()[:devices])
+  mesh = parallel.make_mesh(config.parallel, jax.devices(platform)[:devices])
   init = init_fn(model)
   rng = jax.random.key_data(jax.random.key(0))
   tx, _ = optim.build(config.optim, jax.eval_shape(init, rng), STEPS)

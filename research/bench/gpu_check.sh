@@ -1,20 +1,42 @@
 #!/usr/bin/env bash
 # The device checks of issues 4 and 8, for a session lent the GPU machine (run from the repo
-# root): the tests marked `gpu`; the train-step benchmark with a BERT-base-sized encoder in bf16
-# at 128 tokens (seq/s and MFU against the peak table in research/bench/train_step.py); the MAML
-# meta-step benchmark against torch.func (the peer on the GPU when torch has CUDA).
-# Needs a CUDA jax in $PY's environment. Each part is bounded so the whole fits a 10-minute call.
+# root): the tests marked `gpu` (tests/test_gpu.py); the train-step benchmark with a
+# BERT-base-sized encoder in bf16 at 128 tokens (seq/s and MFU against the peak table in
+# research/bench/train_step.py); the MAML meta-step benchmark against torch.func (the peer on the
+# GPU when torch has CUDA).
+#
+# That machine's python3 has CUDA jax, flax, optax, orbax, transformers and torch but not the
+# rest of our dependencies, nor MiniLM's weights: first run research/bench/device_wheels.sh here,
+# then carry its .whl/ (wheels + MiniLM's config.json; the benchmarks start from random weights):
+#   run(command="bash research/bench/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log",
+#       carry=[".whl"], timeout_s=540)
+# Each part is bounded so that the whole fits one 10-minute call.
 set -euo pipefail
-PY=${PY:-.venv/bin/python}
-"$PY" -c "import jax; print(jax.devices())"
+cd "$(dirname "$0")/../.."
+PY=${PY:-python3}
+MODEL=sentence-transformers/all-MiniLM-L6-v2
+INIT=pretrained
+if [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  MODEL=.whl/minilm
+  INIT=random
+fi
+export PYTHONPATH=.:${PYTHONPATH:-} XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+"$PY" -c "import jax; print(jax.__version__, jax.devices())"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+
 status=0
-timeout 150 "$PY" -m pytest -q -m gpu tests || status=$?
-[ "$status" -eq 0 ] || [ "$status" -eq 5 ] || exit "$status"  # 5: no test marked gpu
+JAX_PLATFORMS=cuda,cpu timeout 150 "$PY" -m pytest -q -m gpu tests/test_gpu.py || status=$?
+[ "$status" -eq 0 ] || echo "gpu tests: exit $status"
+
 for batch in 64 256; do
-  timeout 120 "$PY" -m research.bench.train_step --size=bert-base --dtype=bfloat16 \
-    --peer=none --batch="$batch" --seq=128 --rounds=5 --steps=20
+  timeout 120 "$PY" -m research.bench.train_step --model="$MODEL" --size=bert-base \
+    --dtype=bfloat16 --peer=none --batch="$batch" --seq=128 --rounds=5 --steps=20 || status=$?
 done
 peer=torch_func
-"$PY" -c "import torch" 2>/dev/null || peer=none
-timeout 180 "$PY" -m research.bench.maml --rounds=5 --variants=second,hvp,first \
-  --episode_loop=scan --peer="$peer"
+"$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || peer=none
+timeout 180 "$PY" -m research.bench.maml --model="$MODEL" --init="$INIT" --rounds=5 \
+  --variants=second,hvp,first --episode_loop=scan --peer="$peer" || status=$?
+exit "$status"

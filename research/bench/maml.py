@@ -18,6 +18,11 @@ printed side by side as a correctness check. Rounds alternate ours and the peer 
 medians are reported. Memory: XLA's compiled-program figures (arguments + outputs + temporaries)
 per variant, and on CUDA the peer's ``max_memory_allocated``. The last line is
 ``speedup_vs_torch_func=<peer median / ours median>`` for our fastest second-order variant.
+
+``--init=random`` starts both sides from one random MiniLM-shaped checkpoint (saved by
+transformers to a temporary directory, then loaded by each side as usual); ``--model`` needs only
+the checkpoint's config.json then. Timings do not depend on the weights' values: this is for
+machines without the 87 MB pretrained weights (the GPU machine, research/bench/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -68,6 +75,7 @@ class Ours:
     self.name += " + remat" if remat else ""
     self.name += ", forward HVP" if hvp == "forward" else ""
     config = intent_fewshot_maml.get_config(f"algorithm={'fomaml' if first_order else 'maml'}")
+    config.model.checkpoint = args.model
     config.model.dtype = args.dtype
     config.meta.update(
       k_shot=args.shot,
@@ -87,7 +95,7 @@ class Ours:
     plan = setup.plan_state(config, init_fn(model), mesh, 1000)
     shardings = plan.shardings
     state = jax.jit(plan.create, out_shardings=shardings)(plan.rng)
-    _, pretrained = hf.load_pretrained(MINILM)
+    _, pretrained = hf.load_pretrained(args.model)
     params, _ = graft.graft(state.params, pretrained)
     self.state = state.replace(params=params, opt_state=jax.jit(plan.tx.init)(params))
     bsharding = parallel.batch_sharding(mesh)
@@ -132,7 +140,7 @@ class TorchFunc:
     torch.manual_seed(0)
     self.device = "cuda" if torch.cuda.is_available() and args.torch_device != "cpu" else "cpu"
     model = transformers.BertModel.from_pretrained(
-      str(hf.resolve(MINILM)), add_pooling_layer=False, attn_implementation="eager"
+      str(hf.resolve(args.model)), add_pooling_layer=False, attn_implementation="eager"
     )
     self.model = model.to(self.device).eval()  # eval: no dropout, like ours (dropout 0).
     hidden = model.config.hidden_size
@@ -213,7 +221,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--peer", choices=("torch_func", "none"), default="torch_func")
   p.add_argument("--torch_device", default="auto", help="'cpu' to keep the peer off the GPU")
   p.add_argument("--variants", default="second,remat,hvp,first", help="which of ours to time")
+  p.add_argument("--model", default=MINILM, help="HF checkpoint (dir or hub id)")
+  p.add_argument(
+    "--init", choices=("pretrained", "random"), default="pretrained", help="see the docstring"
+  )
   return p.parse_args(argv)
+
+
+def random_checkpoint(model: str, directory: Path) -> Path:
+  """A randomly initialised ``BertModel`` of ``model``'s config, saved as an HF checkpoint."""
+  import torch
+  import transformers
+
+  from research.transfer import hf
+
+  torch.manual_seed(0)
+  config = transformers.BertConfig.from_pretrained(str(hf.resolve(model)))
+  transformers.BertModel(config).save_pretrained(str(directory))
+  return directory
 
 
 def _mib(x: int | None) -> str:
@@ -222,6 +247,15 @@ def _mib(x: int | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.init == "random":
+    with tempfile.TemporaryDirectory() as tmp:
+      args.model = str(random_checkpoint(args.model, Path(tmp)))
+      args.init = "pretrained"
+      return bench(args)
+  return bench(args)
+
+
+def bench(args: argparse.Namespace) -> int:
   load_before = os.getloadavg()
   wanted = args.variants.split(",")
   spec = {
