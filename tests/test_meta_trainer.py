@@ -108,7 +108,7 @@ def test_maml_meta_test_resumes_after_a_kill(tmp_path, monkeypatch):
   expected = np.load(tmp_path / "full" / "test_episode_accuracy.npy")
   assert not (tmp_path / "full" / "meta_test_progress.json").exists()  # Removed when done.
 
-  save = trainer.TestProgress.save
+  save = trainer.MetaTestProgress.save
 
   def save_then_die(self, scores, it):
     save(self, scores, it)
@@ -116,7 +116,7 @@ def test_maml_meta_test_resumes_after_a_kill(tmp_path, monkeypatch):
 
   run = tmp_path / "killed"
   with monkeypatch.context() as m:
-    m.setattr(trainer.TestProgress, "save", save_then_die)
+    m.setattr(trainer.MetaTestProgress, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
       trainer.train_and_evaluate(config, str(run))
   progress = json.loads((run / "meta_test_progress.json").read_text())
@@ -147,15 +147,15 @@ def test_maml_meta_test_progress_for_other_params_is_ignored(tmp_path):
       self.state = state
 
   path, logs = tmp_path / "progress.json", []
-  old = trainer.TestProgress(path, {"step": 4, "meta": {"inner": ()}}, logs.append, write=True)
-  old.save([np.array([0.5, 1.0], np.float32)], Iterator())
-  it = Iterator()
-  same = trainer.TestProgress(path, {"step": 4, "meta": {"inner": ()}}, logs.append, write=True)
+  progress = lambda step: trainer.MetaTestProgress(
+    path, {"step": step, "meta": {"inner": ()}}, logs.append, write=True
+  )
+  progress(4).save([np.array([0.5, 1.0], np.float32)], Iterator())
+  it, same = Iterator(), progress(4)
   np.testing.assert_array_equal(np.concatenate(same.resume(it)), [0.5, 1.0])
   assert it.state == {"position": 1} and "resuming after 2 episodes" in logs[-1]
-  other = trainer.TestProgress(path, {"step": 5, "meta": {"inner": ()}}, logs.append, write=True)
   it = Iterator()
-  assert other.resume(it) == [] and it.state is None and "starting over" in logs[-1]
+  assert progress(5).resume(it) == [] and it.state is None and "starting over" in logs[-1]
   path.write_text("{truncated")
   assert same.resume(Iterator()) == [] and "unreadable" in logs[-1]
   same.done()

@@ -75,11 +75,11 @@ def episode_iterator(config, tokenizer, class_split: str, seed: int, episodes: i
   )
 
 
-def evaluate(eval_step, params, it, put, progress: TestProgress | None = None) -> np.ndarray:
+def evaluate(eval_step, params, it, put, progress: MetaTestProgress | None = None) -> np.ndarray:
   """Per-episode query accuracies over a finite episode iterator.
 
   With ``progress``, the scores so far and the iterator's position are saved after every batch
-  and a rerun continues after the last saved batch (see :class:`TestProgress`); every tenth of
+  and a rerun continues after the last saved batch (see :class:`MetaTestProgress`); every tenth of
   the way a line gives the running accuracy.
   """
   out = progress.resume(it) if progress else []
@@ -94,7 +94,7 @@ def evaluate(eval_step, params, it, put, progress: TestProgress | None = None) -
   return np.concatenate(out) if out else np.zeros([0])
 
 
-class TestProgress:
+class MetaTestProgress:
   """A resumable meta-test: per-batch accuracies and the episode iterator position on disk.
 
   600 meta-test episodes take up to an hour on a CPU; a run killed in the middle (a preempted
@@ -269,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Held-out meta-test episodes. -------------------------------------------------------
   t_test = time.time()
   key = {"step": steps, "params": params_checksum(state.params), "meta": meta.to_dict()}
-  progress = TestProgress(workdir / "meta_test_progress.json", key, writer.print, is_main)
+  progress = MetaTestProgress(workdir / "meta_test_progress.json", key, writer.print, is_main)
   accs = evaluate(eval_step, state.params, test_it(), put, progress)
   progress.done()
   test = mean_ci95(accs)
