@@ -131,6 +131,7 @@ def test_maml_meta_test_resumes_after_a_kill(tmp_path, monkeypatch):
   np.testing.assert_array_equal(accs[:8], np.full(8, 0.125, np.float32))
   np.testing.assert_array_equal(accs[8:], expected[8:])
   assert resumed["eval"]["banking77"]["episodes"] == full["eval"]["banking77"]["episodes"] == 16
+  assert resumed["test_wall_s"] > progress["wall_s"] > 0  # The killed run's share counts.
 
 
 def test_maml_meta_test_progress_for_other_params_is_ignored(tmp_path):

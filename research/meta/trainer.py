@@ -108,6 +108,12 @@ class MetaTestProgress:
   def __init__(self, path: Path, key: dict[str, Any], log: Callable[[str], None], write: bool):
     self.path, self.log, self.write = path, log, write
     self.key = json.loads(json.dumps(key))  # As it reads back (tuples become lists).
+    self.started = time.time()
+    self.earlier_s = 0.0  # Seconds the runs before this one spent on the saved episodes.
+
+  def wall_s(self) -> float:
+    """The meta-test's wall time so far, the earlier (killed) runs' share included."""
+    return self.earlier_s + time.time() - self.started
 
   def resume(self, it) -> list[np.ndarray]:
     """Scores saved by an earlier run with the same key, after moving ``it`` past them."""
@@ -122,6 +128,7 @@ class MetaTestProgress:
       self.log(f"meta-test: {self.path} was saved for other params or settings; starting over")
       return []
     it.set_state(saved["iterator"])
+    self.earlier_s = float(saved.get("wall_s", 0.0))
     scores = [np.asarray(b, np.float32) for b in saved["accuracies"]]
     self.log(f"meta-test: resuming after {sum(len(b) for b in scores)} episodes from {self.path}")
     return scores
@@ -133,6 +140,7 @@ class MetaTestProgress:
       "key": self.key,
       "iterator": it.get_state(),
       "accuracies": [b.tolist() for b in scores],
+      "wall_s": self.wall_s(),
     }
     tmp = self.path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state))
@@ -267,7 +275,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpts.close()
 
   # --- Held-out meta-test episodes. -------------------------------------------------------
-  t_test = time.time()
   key = {"step": steps, "params": params_checksum(state.params), "meta": meta.to_dict()}
   progress = MetaTestProgress(workdir / "meta_test_progress.json", key, writer.print, is_main)
   accs = evaluate(eval_step, state.params, test_it(), put, progress)
@@ -289,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     "train_examples_per_sec": episodes_seen / train_time if train_time else None,
     "train_examples_unit": "episodes",
     "wall_s": time.time() - t_start,
-    "test_wall_s": time.time() - t_test,
+    "test_wall_s": progress.wall_s(),
     "params": counts,
     "init": origin,
     "meta": {
