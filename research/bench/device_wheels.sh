@@ -23,6 +23,12 @@ done
   "${platforms[@]}" -d "$DEST" "${wheels[@]}"
 # These two ship no wheel: build their (pure-Python) ones here.
 "$PY" -m pip wheel -q --no-deps -w "$DEST" promise==2.3 seqeval==1.2.2
+# protobuf goes apart: gpu_check.sh installs it only where the image's is too old for the
+# tensorflow-metadata protos (their gencode needs runtime >= 6.31.1); else the image's is kept.
+pb=$("$PY" -c "import google.protobuf as p; print(p.__version__)")
+mkdir -p "$DEST/protobuf"
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "${platforms[@]}" -d "$DEST/protobuf" "protobuf==$pb"
 "$PY" - "$DEST/minilm" <<'PY'
 import shutil, sys
 from research.transfer import hf

@@ -20,6 +20,12 @@ if [ -d .whl ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  if ! "$PY" -c "import tensorflow_metadata.proto.v0.schema_pb2" 2>/dev/null; then
+    echo "image's protobuf too old for tensorflow-metadata: installing .whl/protobuf"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site-pb .whl/protobuf/*.whl
+    export PYTHONPATH=/tmp/site-pb:$PYTHONPATH
+  fi
   MODEL=.whl/minilm
   INIT=random
 fi
