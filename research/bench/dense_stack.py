@@ -45,6 +45,7 @@ def stack_flops(layers: int, hidden: int, intermediate: int, tokens: int) -> flo
 
 
 def token_major(weights: Weights, x: jax.Array) -> jax.Array:
+  """The stack on ``x: [tokens, D]``, the encoder's layout; a scalar to differentiate."""
   d = x.shape[1]
   for qkv, out, up, down in weights:
     h = x @ qkv
@@ -54,6 +55,7 @@ def token_major(weights: Weights, x: jax.Array) -> jax.Array:
 
 
 def feature_major(weights: Weights, xt: jax.Array) -> jax.Array:
+  """The same stack on ``xt: [D, tokens]``: equal to ``token_major(weights, xt.T)``."""
   d = xt.shape[0]
   for qkv, out, up, down in weights:
     h = qkv.T @ xt
@@ -63,6 +65,7 @@ def feature_major(weights: Weights, xt: jax.Array) -> jax.Array:
 
 
 def xla_runner(loss: Callable, weights: Weights, x: jax.Array) -> Callable[[], None]:
+  """A compiled, warmed-up gradient call to time (blocks until done)."""
   grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
   jax.block_until_ready(grad(weights, x))
   return lambda: jax.block_until_ready(grad(weights, x))
