@@ -22,6 +22,7 @@ data:
 
 test: $(STAMP) data
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=15 tests
 
 test-slow: $(STAMP) data
@@ -29,6 +30,7 @@ test-slow: $(STAMP) data
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check .
 
 format: $(STAMP)

@@ -10,7 +10,7 @@ The tag of a word is predicted at its first sub-token; entity-level precision / 
 (3.4 epochs), linear decay from 1e-4. Variants: ``smoke`` (20 steps, 256 dev sentences),
 ``tiny`` (random 2-layer encoder on the committed fixture, for tests), ``init=scratch``,
 ``crf`` (a linear-chain CRF layer with Viterbi decoding instead of per-token softmax).
-Measured (1500 steps, 2-core CPU): dev entity F1 90.56 (softmax), 90.62 (crf); see README.md.
+Measured (1500 steps, 2-core CPU): dev entity F1 90.56 (softmax), 90.62 (crf); see docs/results.md.
 """
 
 from research import config_lib

@@ -20,7 +20,7 @@ Variants (comma-separated): ``algorithm=maml|fomaml|anil|reptile|protonet|finetu
 ``smoke`` (MiniLM, two meta-steps, 4 test episodes), ``tiny`` (a 2-layer random encoder on the
 committed BANKING77 fixture, 3-way 1-shot; for tests).
 
-Settings (sized for 2 CPU cores; see README "Meta-learning" for the measured table): utterances
+Settings (sized for 2 CPU cores; see docs/results.md for the measured table): utterances
 cut to 32 tokens, 4 episodes per meta-step, 3 inner SGD steps (lr 0.01) in meta-training and 5 at
 meta-test, a Proto-MAML head (``head_init=proto``), outer Adam at 2e-5, and META_STEPS meta-steps
 per algorithm (about equal meta-training time). Fine-tuning: 15 Adam steps at 5e-4 on every
@@ -62,7 +62,7 @@ def get_config(arg: str | None = None):
   )
   c = config_lib.base_config()
   c.experiment = "intent_fewshot_maml"
-  c.trainer = "meta"
+  c.program = "meta"
   c.model.dropout = 0.0  # Deterministic inner loops (and exact meta-gradients).
   data = default_data_config(arg.data)
   # 32 tokens keep 94% of BANKING77 and all but 1 of CLINC150's 22,500 utterances whole.

@@ -18,9 +18,9 @@ To freeze the encoder for the first k steps: ``optim.unfreeze=(('encoder/.*', k)
 
 Variants (comma-separated): ``smoke`` (a few steps, a 1-layer decoder, short greedy decoding;
 under a minute), ``tiny`` (random 2-layer model on the committed fixture, for tests),
-``init=rnd2rnd|bert2rnd|bert2bert``, ``cpu`` (the 2-core CPU comparison in README.md: a
+``init=rnd2rnd|bert2rnd|bert2bert``, ``cpu`` (the 2-core CPU comparison in docs/results.md: a
 2-layer decoder, beams 1 and 4), ``steps=N``. Reached with ``cpu,steps=1500`` (1500 x 16, 2-core
-CPU): BERT2RND val BLEU 23.63 beam 4 / 23.10 greedy; RND2RND 2.64 / 1.48 (see README.md).
+CPU): BERT2RND val BLEU 23.63 beam 4 / 23.10 greedy; RND2RND 2.64 / 1.48 (see docs/results.md).
 A pretrained encoder trains at ``ENCODER_LR_FACTOR`` times the lr (``optim.lr_multipliers``).
 """
 
@@ -54,7 +54,7 @@ def get_config(arg: str | None = None):
   )
   c.optim.update(lr=2e-4, warmup_fraction=0.04, weight_decay=0.01, schedule="linear")
   c.eval.batch_size = 64
-  if arg.cpu:  # The 2-core CPU comparison of README.md: a 2-layer decoder, small batches.
+  if arg.cpu:  # The 2-core CPU comparison of docs/results.md: a 2-layer decoder, small batches.
     c.model.decoder_overrides = {"num_layers": 2}
     c.train.update(steps=400, batch_size=16, log_every=25, eval_every=400, checkpoint_every=400)
     c.optim.update(lr=5e-4, warmup_fraction=0.05)

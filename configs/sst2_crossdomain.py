@@ -13,7 +13,7 @@ same negative/positive labels). Nothing is trained (``train.steps=0``); the whol
 Variants: ``domain=amazon|imdb|yelp``; ``smoke`` (MiniLM with an untrained head instead of the
 SST-2 run, 200 sentences: checks the path, not the accuracy); ``tiny`` evaluates the 2-layer
 fixture model.
-Numbers are in README.md.
+Numbers are in docs/results.md.
 """
 
 from research import config_lib
@@ -50,12 +50,10 @@ def get_config(arg: str | None = None):
 
 def get_sweep():
   """All three domains (the data set's name and tfds name move together)."""
-  from launch import sweep
-
   names = [f"sentiment_{d}" for d in DOMAINS]
-  return sweep.zipped(
-    sweep.axis("tasks.sst2.data.name", dict(zip(DOMAINS, names)), name="domain"),
-    sweep.axis(
+  return config_lib.zipped(
+    config_lib.axis("tasks.sst2.data.name", dict(zip(DOMAINS, names)), name="domain"),
+    config_lib.axis(
       "tasks.sst2.data.tfds_name",
       {d: f"local_text_classification/{n}" for d, n in zip(DOMAINS, names)},
       name="tfds",

@@ -112,18 +112,15 @@ def render(
   log_dir = Path(plan.root) / plan.ref.experiment / "slurm"
   use_array = len(points) > 1 or (points and len(points) != len(plan.points))
   opts = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={ntasks}"]
-  if gpus_per_node:
-    opts.append(f"--gpus-per-node={gpus_per_node}")
-  if cpus_per_task:
-    opts.append(f"--cpus-per-task={cpus_per_task}")
-  if mem:
-    opts.append(f"--mem={mem}")
-  if time:
-    opts.append(f"--time={time}")
-  if partition:
-    opts.append(f"--partition={partition}")
-  if account:
-    opts.append(f"--account={account}")
+  optional = {
+    "gpus-per-node": gpus_per_node,
+    "cpus-per-task": cpus_per_task,
+    "mem": mem,
+    "time": time,
+    "partition": partition,
+    "account": account,
+  }
+  opts += [f"--{name}={value}" for name, value in optional.items() if value]
   if use_array:
     opts.append(f"--array={array_spec([p.index for p in points], array_parallel)}")
     opts.append(f"--output={log_dir}/%x_%A_%a.out")

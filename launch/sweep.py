@@ -7,7 +7,8 @@ either
 - a dict of named axes whose cartesian product is the sweep:
   `{"optim.lr": [1e-5, 3e-5], "seed": [0, 1]}`.
 
-The helpers `product`, `zipped`, `axis` and `seeds` build the same lists explicitly; an axis
+The helpers `product`, `zipped`, `axis`, `seeds` and `variants` of `research.config_lib` (there so
+that configs need nothing from `launch/`) build the same lists explicitly; an axis
 may carry a short display name, and labels for values that make poor directory names:
 `axis("optim.freeze", {"none": (), "bottom4": ("encoder/layer_[0-3]/.*",)}, name="freeze")`.
 Values in a dict of axes may be such a label -> value dict too. Keys are dotted config
@@ -22,16 +23,16 @@ from the swept values (`lr=1e-05,seed=0`), and one command line:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import inspect
-import itertools
 import json
 import os
 import re
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from research import config_lib
+from research.config_lib import TAG, Axis, as_sweep, axis, product, strip_prefix, value_id
 
 # The trainer calls jax.distributed.initialize() (SLURM / TPU pod auto-detection) when this
 # config field is true; the launchers set it for multi-process runs.
@@ -43,153 +44,6 @@ RESULTS_FILE = "results.json"
 LOG_FILE = "launch.log"
 
 Overrides = dict[str, Any]
-
-
-# ----------------------------------------------------------------------------- sweep builders
-
-
-def _value_id(value: Any) -> str:
-  return json.dumps(value, default=str)
-
-
-class Sweep(list):
-  """A list of override dicts that also remembers axis display names and value labels.
-
-  Attributes:
-    names: config key -> short name used in point names.
-    labels: config key -> {value id -> label}, for values that do not make good names
-      (tuples of regexes, nested dicts).
-  """
-
-  def __init__(self, points=(), names=None, labels=None, hidden=()):
-    super().__init__(points)
-    self.names: dict[str, str] = dict(names or {})
-    self.labels: dict[str, dict[str, str]] = {k: dict(v) for k, v in (labels or {}).items()}
-    self.hidden: set[str] = set(hidden)  # Keys set by `variants`: named by the variant.
-
-
-@dataclasses.dataclass(frozen=True)
-class Axis:
-  """One named sweep axis: a config key and the values it takes.
-
-  Attributes:
-    key: dotted config path, e.g. `optim.lr`.
-    values: the values, in order.
-    name: short name used in point names; defaults to the key's last component.
-    labels: optional label per value, used in point names instead of the value.
-  """
-
-  key: str
-  values: tuple[Any, ...]
-  name: str | None = None
-  labels: tuple[str, ...] | None = None
-
-  def points(self) -> Sweep:
-    """Returns one override dict per value (with this axis' name and labels attached)."""
-    labels = {}
-    if self.labels:
-      labels = {self.key: {_value_id(v): lab for v, lab in zip(self.values, self.labels)}}
-    names = {self.key: self.name} if self.name else {}
-    return Sweep([{self.key: v} for v in self.values], names, labels)
-
-
-def axis(key: str, values: Iterable[Any] | Mapping[str, Any], name: str | None = None) -> Axis:
-  """Returns an `Axis` over `values` of the config key `key`.
-
-  Args:
-    key: dotted config path (`optim.lr` or `config.optim.lr`).
-    values: the values to sweep, in order; or a dict label -> value, where the labels name
-      the points (`{"none": (), "bottom4": ("encoder/layer_[0-3]/.*",)}`).
-    name: short display name for point names (default: last component of `key`).
-  """
-  if isinstance(values, Mapping):
-    return Axis(_strip_prefix(key), tuple(values.values()), name, tuple(values))
-  return Axis(_strip_prefix(key), tuple(values), name)
-
-
-def seeds(values: Iterable[int] | int, key: str = "seed") -> Axis:
-  """Returns a seed axis: `seeds(3)` is seeds 0, 1, 2; `seeds([7, 8])` is 7 and 8.
-
-  Args:
-    values: a count, or the explicit seeds.
-    key: the config key holding the seed.
-  """
-  vals = range(values) if isinstance(values, int) else values
-  return axis(key, vals, name="seed")
-
-
-Part = Axis | Mapping[str, Any] | Sequence[Mapping[str, Any]]
-
-
-TAG = "@"  # Override keys starting with this name a point; they are not config keys.
-
-
-def variants(name: str, points: Mapping[str, Mapping[str, Any]]) -> Sweep:
-  """Named variants, each a set of overrides: ``variants("method", {"lora": {...}, ...})``.
-
-  The points are named ``method=lora`` etc. rather than by every key they set, which is what
-  an ablation over methods that each change several fields wants. Combine with `product` /
-  `seeds` as any other part.
-  """
-  out = [
-    {TAG + name: label, **{_strip_prefix(k): v for k, v in o.items()}}
-    for label, o in points.items()
-  ]
-  hidden = {_strip_prefix(k) for o in points.values() for k in o}
-  return Sweep(out, hidden=hidden)
-
-
-def _as_sweep(part: Part) -> Sweep:
-  if isinstance(part, Axis):
-    return part.points()
-  if isinstance(part, Sweep):
-    return part
-  if isinstance(part, Mapping):
-    return Sweep([dict(part)])
-  return Sweep([dict(p) for p in part])
-
-
-def _merge_meta(sweeps: Sequence[Sweep], points: list[Overrides]) -> Sweep:
-  out = Sweep(points)
-  for sw in sweeps:
-    out.hidden |= sw.hidden
-    out.names.update(sw.names)
-    for k, labels in sw.labels.items():
-      out.labels.setdefault(k, {}).update(labels)
-  return out
-
-
-def product(*parts: Part) -> Sweep:
-  """Returns the cartesian product of axes (or lists of override dicts).
-
-  Args:
-    *parts: `Axis` objects, single override dicts, or lists of override dicts (including
-      the results of `product` / `zipped`).
-
-  Returns:
-    One merged override dict per combination, the first part varying slowest.
-  """
-  sweeps = [_as_sweep(p) for p in parts]
-  out = []
-  for combo in itertools.product(*sweeps):
-    merged: Overrides = {}
-    for d in combo:
-      merged.update({_strip_prefix(k): v for k, v in d.items()})
-    out.append(merged)
-  return _merge_meta(sweeps, out)
-
-
-def zipped(*parts: Part) -> Sweep:
-  """Returns the element-wise zip of axes of equal length (e.g. lr paired with warmup).
-
-  Raises:
-    ValueError: if the parts differ in length.
-  """
-  sweeps = [_as_sweep(p) for p in parts]
-  if len({len(x) for x in sweeps}) > 1:
-    raise ValueError(f"zipped axes differ in length: {[len(x) for x in sweeps]}")
-  points = [{_strip_prefix(k): v for d in combo for k, v in d.items()} for combo in zip(*sweeps)]
-  return _merge_meta(sweeps, points)
 
 
 # ----------------------------------------------------------------------------- points
@@ -212,10 +66,6 @@ class Point:
   group: str
   seed: Any = None
   index: int = 0
-
-
-def _strip_prefix(key: str) -> str:
-  return key[len("config.") :] if key.startswith("config.") else key
 
 
 def is_seed_key(key: str) -> bool:
@@ -286,19 +136,19 @@ def make_points(
   Raises:
     ValueError: if two points get the same name (duplicate override sets).
   """
-  dicts = [{_strip_prefix(k): v for k, v in o.items()} for o in overrides]
+  dicts = [{strip_prefix(k): v for k, v in o.items()} for o in overrides]
   keys: list[str] = []
   for d in dicts:
     keys.extend(k for k in d if k not in keys)
   hidden = set(hidden)
-  varying = [k for k in keys if k not in hidden and len({_value_id(d.get(k)) for d in dicts}) > 1]
+  varying = [k for k in keys if k not in hidden and len({value_id(d.get(k)) for d in dicts}) > 1]
   short = _short_names(
     varying, {**{k: k[len(TAG) :] for k in keys if k.startswith(TAG)}, **(names or {})}
   )
   labels = labels or {}
 
   def label(k: str, v: Any) -> str:
-    return _name_value(labels.get(k, {}).get(_value_id(v), v))
+    return _name_value(labels.get(k, {}).get(value_id(v), v))
 
   points, seen = [], set()
   for i, d in enumerate(dicts):
@@ -337,7 +187,7 @@ def expand(spec: Any) -> list[Point]:
   if isinstance(spec, Sequence) and spec and all(isinstance(a, Axis) for a in spec):
     spec = product(*spec)
   if isinstance(spec, Sequence) and all(isinstance(d, Mapping) for d in spec):
-    sw = _as_sweep(spec)
+    sw = as_sweep(spec)
     return make_points(list(sw), sw.names, sw.labels, sw.hidden)
   raise TypeError(f"get_sweep() must return a list of dicts or a dict of axes, got {spec!r}")
 
@@ -379,15 +229,9 @@ class ConfigRef:
     base = self.path.stem
     return f"{base}_{_name_value(self.arg)}" if self.arg else base
 
-  def module(self):
+  def module(self) -> Any:
     """Imports the config file as a module (no `sys.path` changes)."""
-    name = f"_launch_config_{self.path.stem}"
-    spec = importlib.util.spec_from_file_location(name, self.path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return config_lib.load_module(self.path)
 
 
 def _call_with_optional_arg(fn, arg: str | None):
@@ -418,7 +262,7 @@ def sweep_points(ref: ConfigRef, use_sweep: bool, validate: bool = True) -> list
     config = _call_with_optional_arg(mod.get_config, ref.arg)
     for p in points:
       for key in p.overrides:
-        check_key(config, key)
+        config_lib.check_key(config, key)
   return points
 
 
@@ -428,20 +272,10 @@ def config_has_key(ref: ConfigRef, key: str) -> bool:
   if not hasattr(mod, "get_config"):
     return False
   try:
-    check_key(_call_with_optional_arg(mod.get_config, ref.arg), key)
+    config_lib.check_key(_call_with_optional_arg(mod.get_config, ref.arg), key)
   except KeyError:
     return False
   return True
-
-
-def check_key(config: Any, key: str) -> None:
-  """Raises KeyError if the dotted `key` does not name a field of `config`."""
-  node = config
-  for part in key.split("."):
-    try:
-      node = node[part]
-    except (KeyError, TypeError, AttributeError, IndexError) as e:
-      raise KeyError(f"sweep override {key!r} is not a field of the config") from e
 
 
 # ----------------------------------------------------------------------------- commands

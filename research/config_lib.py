@@ -1,19 +1,29 @@
-"""Helpers shared by the experiment configs in configs/.
+"""Helpers shared by the experiment configs in configs/, and the one way to load them.
 
 Configs stay one file per experiment with ``get_config(arg)``; what they share lives here:
-the variant-string parser, the default fields of every run, and locking (so a misspelt
-``--config.optim.lrr=1`` fails instead of silently adding a field).
+the variant-string parser, the default fields of every run, locking (so a misspelt
+``--config.optim.lrr=1`` fails instead of silently adding a field), loading a config file by
+path (the CLI, the launchers and the tests all do it), and the builders of ``get_sweep()``, so
+that configs need nothing from ``launch/``.
+
+Importing this module stays cheap (ml_collections only): the launchers import it, and so do
+their stand-in trainers, once per subprocess. What needs jax (``optim``, the data registry) is
+imported inside the functions that use it.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
-
-from research import optim
-from research.data.registry import default_data_config
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -42,8 +52,11 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, with defaults; experiment configs fill in and override."""
+  from research import optim
+
   c = ml_collections.ConfigDict()
   c.experiment = ""
+  c.program = "supervised"  # the training program: 'supervised' | 'meta' (research.train.loop)
   c.seed = 0
   c.model = dict(
     checkpoint=MINILM,  # HF directory or hub id; also the tokenizer.
@@ -167,6 +180,8 @@ def ner_task(dataset: str, crf: bool = False) -> ml_collections.ConfigDict:
 
   Fine buckets keep padding near 23% (CoNLL-2003 sentences: median ~20 sub-tokens).
   """
+  from research.data.registry import default_data_config
+
   buckets = (16, 24, 32, 40, 48, 64, 96, 128)
   data = default_data_config(dataset, max_length=128, buckets=buckets)
   return task("tagging", data, dropout=0.1, crf=crf)
@@ -193,3 +208,215 @@ def ner_experiment(
   if arg.tiny:
     make_tiny(c, task_name, fixture=dataset, steps=10)
   return c
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_module(path: str | os.PathLike) -> Any:
+  """Imports a config file as a module, without touching ``sys.path``.
+
+  Config files are not a package (``configs/`` has no ``__init__``), so every caller (the CLI,
+  the launchers, the tests) loads them by path; the module is registered in ``sys.modules``
+  under a private name so that dataclasses and pickling inside it work.
+
+  Args:
+    path: the config file.
+
+  Returns:
+    The executed module.
+  """
+  name = "_config_" + os.fspath(path).removesuffix(".py").replace(os.sep, "_").replace(".", "_")
+  spec = importlib.util.spec_from_file_location(name, path)
+  assert spec and spec.loader, path
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``get_config(variant)`` of a ``--config`` argument ``path[:variant]``.
+
+  Args:
+    spec: e.g. ``configs/sst2_minilm.py:smoke`` (no variant: ``get_config(None)``).
+  """
+  path, _, variant = spec.partition(":")
+  return load_module(path).get_config(variant or None)
+
+
+def check_key(config: Any, dotted: str, shown_as: str | None = None) -> None:
+  """Raises KeyError unless the dotted key names a field of ``config``.
+
+  Overrides of a locked config come from the command line and from sweeps; both should fail
+  before a run starts, and say which keys would have been valid at the level that went wrong.
+
+  Args:
+    config: a ConfigDict (or nested dicts).
+    dotted: e.g. ``optim.lr``.
+    shown_as: how the message names the override (default: ``dotted``).
+  """
+  node, walked = config, []
+  for key in dotted.split("."):
+    if not hasattr(node, "keys") or key not in node:
+      where = ".".join(walked) or "<top level>"
+      valid = sorted(node.keys()) if hasattr(node, "keys") else []
+      raise KeyError(
+        f"unknown config key {key!r} in {shown_as or dotted}; valid keys under {where}: {valid}"
+      )
+    node, walked = node[key], [*walked, key]
+
+
+# ----------------------------------------------------------------------------- sweeps
+# ``get_sweep()`` beside ``get_config(arg)`` returns overrides built with these; launch.sweep
+# names the points and turns them into runs.
+
+TAG = "@"  # Override keys starting with this name a point; they are not config keys.
+
+
+def value_id(value: Any) -> str:
+  """A hashable identity for an override value (tuples, dicts, floats alike)."""
+  return json.dumps(value, default=str)
+
+
+def strip_prefix(key: str) -> str:
+  """``config.optim.lr`` -> ``optim.lr``: sweep keys may carry the command line's prefix."""
+  return key[len("config.") :] if key.startswith("config.") else key
+
+
+class Sweep(list):
+  """A list of override dicts that also remembers axis display names and value labels.
+
+  Attributes:
+    names: config key -> short name used in point names.
+    labels: config key -> {value id -> label}, for values that do not make good names
+      (tuples of regexes, nested dicts).
+    hidden: keys set by `variants`, left out of point names (the variant names them).
+  """
+
+  def __init__(self, points=(), names=None, labels=None, hidden=()):
+    super().__init__(points)
+    self.names: dict[str, str] = dict(names or {})
+    self.labels: dict[str, dict[str, str]] = {k: dict(v) for k, v in (labels or {}).items()}
+    self.hidden: set[str] = set(hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+  """One named sweep axis: a config key and the values it takes.
+
+  Attributes:
+    key: dotted config path, e.g. `optim.lr`.
+    values: the values, in order.
+    name: short name used in point names; defaults to the key's last component.
+    labels: optional label per value, used in point names instead of the value.
+  """
+
+  key: str
+  values: tuple[Any, ...]
+  name: str | None = None
+  labels: tuple[str, ...] | None = None
+
+  def points(self) -> Sweep:
+    """Returns one override dict per value (with this axis' name and labels attached)."""
+    labels = {}
+    if self.labels:
+      labels = {self.key: {value_id(v): lab for v, lab in zip(self.values, self.labels)}}
+    names = {self.key: self.name} if self.name else {}
+    return Sweep([{self.key: v} for v in self.values], names, labels)
+
+
+Part = Axis | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+
+def axis(key: str, values: Iterable[Any] | Mapping[str, Any], name: str | None = None) -> Axis:
+  """Returns an `Axis` over `values` of the config key `key`.
+
+  Args:
+    key: dotted config path (`optim.lr` or `config.optim.lr`).
+    values: the values to sweep, in order; or a dict label -> value, where the labels name
+      the points (`{"none": (), "bottom4": ("encoder/layer_[0-3]/.*",)}`).
+    name: short display name for point names (default: last component of `key`).
+  """
+  if isinstance(values, Mapping):
+    return Axis(strip_prefix(key), tuple(values.values()), name, tuple(values))
+  return Axis(strip_prefix(key), tuple(values), name)
+
+
+def seeds(values: Iterable[int] | int, key: str = "seed") -> Axis:
+  """Returns a seed axis: `seeds(3)` is seeds 0, 1, 2; `seeds([7, 8])` is 7 and 8.
+
+  Args:
+    values: a count, or the explicit seeds.
+    key: the config key holding the seed.
+  """
+  vals = range(values) if isinstance(values, int) else values
+  return axis(key, vals, name="seed")
+
+
+def variants(name: str, points: Mapping[str, Mapping[str, Any]]) -> Sweep:
+  """Named variants, each a set of overrides: ``variants("method", {"lora": {...}, ...})``.
+
+  The points are named ``method=lora`` etc. rather than by every key they set, which is what
+  an ablation over methods that each change several fields wants. Combine with `product` /
+  `seeds` as any other part.
+  """
+  out = [
+    {TAG + name: label, **{strip_prefix(k): v for k, v in o.items()}} for label, o in points.items()
+  ]
+  hidden = {strip_prefix(k) for o in points.values() for k in o}
+  return Sweep(out, hidden=hidden)
+
+
+def as_sweep(part: Part) -> Sweep:
+  """Any part (an axis, one override dict, a list of them) as a `Sweep`."""
+  if isinstance(part, Axis):
+    return part.points()
+  if isinstance(part, Sweep):
+    return part
+  if isinstance(part, Mapping):
+    return Sweep([dict(part)])
+  return Sweep([dict(p) for p in part])
+
+
+def _merge_meta(sweeps: Sequence[Sweep], points: list[dict[str, Any]]) -> Sweep:
+  out = Sweep(points)
+  for sw in sweeps:
+    out.hidden |= sw.hidden
+    out.names.update(sw.names)
+    for k, labels in sw.labels.items():
+      out.labels.setdefault(k, {}).update(labels)
+  return out
+
+
+def product(*parts: Part) -> Sweep:
+  """Returns the cartesian product of axes (or lists of override dicts).
+
+  Args:
+    *parts: `Axis` objects, single override dicts, or lists of override dicts (including
+      the results of `product` / `zipped`).
+
+  Returns:
+    One merged override dict per combination, the first part varying slowest.
+  """
+  sweeps = [as_sweep(p) for p in parts]
+  out = []
+  for combo in itertools.product(*sweeps):
+    merged: dict[str, Any] = {}
+    for d in combo:
+      merged.update({strip_prefix(k): v for k, v in d.items()})
+    out.append(merged)
+  return _merge_meta(sweeps, out)
+
+
+def zipped(*parts: Part) -> Sweep:
+  """Returns the element-wise zip of axes of equal length (e.g. lr paired with warmup).
+
+  Raises:
+    ValueError: if the parts differ in length.
+  """
+  sweeps = [as_sweep(p) for p in parts]
+  if len({len(x) for x in sweeps}) > 1:
+    raise ValueError(f"zipped axes differ in length: {[len(x) for x in sweeps]}")
+  points = [{strip_prefix(k): v for d in combo for k, v in d.items()} for combo in zip(*sweeps)]
+  return _merge_meta(sweeps, points)

@@ -10,13 +10,14 @@ list of valid keys at that level instead of silently adding a field.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from research import config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file[:variant].", lock_config=True
@@ -46,24 +47,15 @@ def unknown_override(argv: list[str]) -> str | None:
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec is None:
     return None
-  path, _, variant = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(variant or None)
+  config = config_lib.load_config(spec)
   for arg in argv:
     m = re.match(r"--config\.([\w.]+)(=|$)", arg)
     if not m:
       continue
-    node, walked = config, []
-    for key in m.group(1).split("."):
-      if not hasattr(node, "keys") or key not in node:
-        where = ".".join(walked) or "<top level>"
-        valid = sorted(node.keys()) if hasattr(node, "keys") else []
-        return (
-          f"unknown config key {key!r} in --config.{m.group(1)}; valid keys under {where}: {valid}"
-        )
-      node, walked = node[key], [*walked, key]
+    try:
+      config_lib.check_key(config, m.group(1), shown_as=f"--config.{m.group(1)}")
+    except KeyError as e:
+      return e.args[0]
   return None
 
 
@@ -74,6 +66,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     message = unknown_override(argv[1:]) or f"{type(e).__name__}: {e}"
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+# 128 + SIGTERM, the shell's status of a process ended by SIGTERM: a resumable stop, not a failure.
+PREEMPTED_EXIT = 143
 
 
 def main(argv: list[str]) -> None:
@@ -91,12 +87,16 @@ def main(argv: list[str]) -> None:
   from research.train import parallel
 
   parallel.maybe_initialize_distributed(config.get("parallel"))
-  if config.get("trainer") == "meta":  # Meta-learning runs have their own small trainer.
-    from research.meta.trainer import train_and_evaluate
-  else:
-    from research.train.trainer import train_and_evaluate
+  # Importing a program's module registers it under its config.program name.
+  from research.meta import trainer as _meta  # noqa: F401
+  from research.train import loop
+  from research.train import trainer as _supervised  # noqa: F401
 
-  results = train_and_evaluate(config, _WORKDIR.value)
+  try:
+    results = loop.train_and_evaluate(config, _WORKDIR.value)
+  except loop.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT)
   for task, metrics in results["eval"].items():
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     print(f"{task}: {shown}", file=sys.stderr)

@@ -8,7 +8,6 @@ when only a config.json is at hand (``--init=random``).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -16,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from research.subprocess_env import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,8 @@ def test_maml_bench_sides_agree_on_the_first_meta_loss(minilm_dir, tmp_path, ini
   if init == "random":
     shutil.copy(minilm_dir / "config.json", tmp_path / "config.json")
     cmd.append(f"--model={tmp_path}")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as users run it.
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  # One device, as users run it.
+  out = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.strip().splitlines()
   assert re.fullmatch(r"speedup_vs_torch_func=\d+\.\d\d", lines[-1]), lines[-1]

@@ -22,7 +22,8 @@ def test_config_loads_in_every_variant(name):
   for variant in getattr(module, "VARIANTS", ("",)):
     config = module.get_config(variant or None)
     assert config.is_locked, (name, variant)
-    assert config.experiment and config.tasks, (name, variant)
+    # The launchers name run directories by the experiment: the config file's name.
+    assert config.experiment == Path(name).name and config.tasks, (name, variant)
     with pytest.raises(AttributeError):
       config.train.not_a_field = 1
   with pytest.raises(KeyError, match="unknown config variant"):
@@ -55,4 +56,4 @@ def test_sst2_smoke_run_writes_the_contract(tmp_path, shared_data):
   assert {"step", "split", "loss"} <= set(lines[0]) and lines[-1]["split"] == "eval"
   for name in ("config.json", "graft_report.txt", "optim_summary.txt"):
     assert Path(tmp_path / name).is_file(), name
-  assert any((tmp_path / "tb").iterdir())
+  assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # TensorBoard scalars

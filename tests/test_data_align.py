@@ -40,8 +40,9 @@ def test_align_tag_schemes():
   assert tags.tag_names(["PER", "LOC"], "bioes") == [
       "O", "B-PER", "I-PER", "E-PER", "S-PER", "B-LOC", "I-LOC", "E-LOC", "S-LOC",
   ]  # fmt: skip
-  assert tags.check_tag("B-FOO", "iob2", ["PER"]) is not None
-  assert tags.check_tag("E-PER", "iob2", ["PER"]) is not None
+  expected = "one of O, B-X, I-X with X in ['PER']"  # what the error message says
+  assert tags.check_tag("B-FOO", "iob2", ["PER"]) == expected
+  assert tags.check_tag("E-PER", "iob2", ["PER"]) == expected
   assert tags.check_tag("E-PER", "bioes", ["PER"]) is None
 
 

@@ -5,7 +5,6 @@ test_launch_acceptance.py.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from launch import cli, local, sweep
+from research import config_lib
+from research.subprocess_env import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "launch"
@@ -23,9 +24,7 @@ FAKE_CONFIG = FIXTURES / "fake_exp.py"
 
 def fake_env() -> dict:
   """Environment for subprocesses: the fake trainer importable, no fake-device XLA flags."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(REPO), env.get("PYTHONPATH", "")])
-  return env
+  return child_env(FIXTURES, REPO)
 
 
 def fake_plan(root: Path, points=None, arg: str = "quick", extra=()) -> cli.Plan:
@@ -39,7 +38,11 @@ def fake_plan(root: Path, points=None, arg: str = "quick", extra=()) -> cli.Plan
 
 def test_sweep_product_names_groups_and_seeds():
   points = sweep.expand(
-    [sweep.axis("optim.lr", [1e-5, 3e-5], name="lr"), sweep.axis("freeze", [0, 4]), sweep.seeds(2)]
+    [
+      config_lib.axis("optim.lr", [1e-5, 3e-5], name="lr"),
+      config_lib.axis("freeze", [0, 4]),
+      config_lib.seeds(2),
+    ]
   )
   assert [p.name for p in points][:3] == [
     "lr=1e-05,freeze=0,seed=0",
@@ -64,7 +67,9 @@ def test_sweep_dict_of_axes_and_list_of_dicts():
 def test_sweep_value_labels_survive_product():
   freeze = {"none": (), "bottom4": ("encoder/embeddings/.*", "encoder/layer_[0-3]/.*")}
   points = sweep.expand(
-    sweep.product(sweep.axis("optim.freeze", freeze, name="freeze"), sweep.seeds([7, 8]))
+    config_lib.product(
+      config_lib.axis("optim.freeze", freeze, name="freeze"), config_lib.seeds([7, 8])
+    )
   )
   assert [p.name for p in points] == [
     "freeze=none,seed=7",
@@ -80,15 +85,17 @@ def test_sweep_value_labels_survive_product():
 
 def test_sweep_zipped_and_ambiguous_short_names():
   points = sweep.expand(
-    sweep.product(
-      sweep.zipped(sweep.axis("optim.lr", [1, 2]), sweep.axis("optim.warmup", [10, 20])),
-      sweep.axis("a.size", [1, 2]),
-      sweep.axis("b.size", [3, 4]),
+    config_lib.product(
+      config_lib.zipped(
+        config_lib.axis("optim.lr", [1, 2]), config_lib.axis("optim.warmup", [10, 20])
+      ),
+      config_lib.axis("a.size", [1, 2]),
+      config_lib.axis("b.size", [3, 4]),
     )
   )
   assert points[0].name == "lr=1,warmup=10,a.size=1,b.size=3"
   with pytest.raises(ValueError, match="differ in length"):
-    sweep.zipped(sweep.axis("x", [1]), sweep.axis("y", [1, 2]))
+    config_lib.zipped(config_lib.axis("x", [1]), config_lib.axis("y", [1, 2]))
   with pytest.raises(ValueError, match="duplicate"):
     sweep.expand([{"x": 1}, {"x": 1}])
 
@@ -236,7 +243,7 @@ def test_sweep_local_dry_run_prints_commands(tmp_path, capsys, monkeypatch):
 
 
 def test_sweep_variants_name_points_by_label_and_pass_only_config_keys():
-  methods = sweep.variants(
+  methods = config_lib.variants(
     "method",
     {
       "full": {},
@@ -244,7 +251,7 @@ def test_sweep_variants_name_points_by_label_and_pass_only_config_keys():
       "lora": {"model.peft.method": "lora", "optim.lr": 1e-3},
     },
   )
-  points = sweep.expand(sweep.product(methods, sweep.seeds(2), {"train.steps": 5}))
+  points = sweep.expand(config_lib.product(methods, config_lib.seeds(2), {"train.steps": 5}))
   assert [p.name for p in points] == [
     "method=full,seed=0",
     "method=full,seed=1",
@@ -260,4 +267,4 @@ def test_sweep_variants_name_points_by_label_and_pass_only_config_keys():
     "seed": 0,
     "train.steps": 5,
   }
-  assert all(not k.startswith(sweep.TAG) for p in points for k in p.overrides)
+  assert all(not k.startswith(config_lib.TAG) for p in points for k in p.overrides)

@@ -63,6 +63,20 @@ def make_episode(seed: int = 0, n: int = N, k: int = K, q: int = Q) -> dict[str,
   return ep
 
 
+def test_task_model_parts_compute_the_full_model():
+  """MetaLearner runs TaskModel.encoder_module / head_module on subtrees of the same params."""
+  model = make_model()
+  params = init_params(model, jax.random.key(0), T)
+  ep = make_episode()
+  ids, mask = ep["query_input_ids"], ep["query_attention_mask"]
+  full = model.apply({"params": params}, ids, mask)[TASK]
+  feats = model.encoder_module().apply({"params": params["encoder"]}, ids, mask)
+  logits = model.head_module(TASK).apply({"params": params["heads"][TASK]}, feats, mask)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(full), rtol=1e-6, atol=1e-6)
+  with pytest.raises(KeyError, match="unknown task"):
+    model.head_module("nope")
+
+
 @pytest.fixture(scope="module")
 def setup():
   model = make_model()

@@ -1,25 +1,19 @@
-"""Multi-task training: the task schedule, a tiny two-task run end to end, exact resume, and
-no recompilation when steps switch between tasks."""
+"""Multi-task training: the task schedule, a tiny two-task run end to end, and no
+recompilation when steps switch between tasks (exact resume: tests/test_loop.py)."""
 
 import json
-import time
 
 import numpy as np
 import optax
 import pytest
 from test_compile_count import run_counting
-from train_util import batch_digest, load_config_module, max_abs_diff
+from train_util import load_config_module
 
-from research import paths
 from research.train import checkpoints as ckpt_lib
 from research.train import multitask
 from research.train.trainer import train_and_evaluate
 
 SIZES = {"sst2": 67349, "conll03": 14041, "small": 900}
-
-
-class Interrupted(Exception):
-  """Stands in for a kill in the middle of a run."""
 
 
 def tiny_config(**train):
@@ -99,39 +93,6 @@ def test_two_task_run_end_to_end(tmp_path):
   # best_metric names one task's metric; the best params hold both heads.
   best, where = ckpt_lib.load_params(tmp_path, prefer="best")
   assert "/best/" in where and set(best["heads"]) == {"sst2", "conll03"}
-
-
-def test_resume_matches_uninterrupted_run(tmp_path):
-  def run(workdir, record, stop_at=-1):
-    config = tiny_config(steps=10, checkpoint_every=5, eval_every=0, log_every=5)
-    config.multitask.block = 4  # Both tasks on either side of the checkpoint.
-
-    def hook(step, batch):
-      if step == stop_at:  # Requested while step 5 trains: checkpoint 5 is under way.
-        raise Interrupted
-      record[step] = batch_digest(batch)
-      return batch
-
-    return train_and_evaluate(config, str(workdir), batch_hook=hook)
-
-  seen_full, seen_killed, seen_resumed = {}, {}, {}
-  full = run(tmp_path / "full", seen_full)
-  with pytest.raises(Interrupted):
-    run(tmp_path / "resumed", seen_killed, stop_at=6)
-  deadline = time.time() + 60  # The checkpoint is written asynchronously.
-  while not (tmp_path / "resumed" / "checkpoints" / "5").is_dir():
-    assert time.time() < deadline, "no checkpoint 5"
-    time.sleep(0.2)
-  time.sleep(1.0)
-  resumed = run(tmp_path / "resumed", seen_resumed)
-  assert resumed["init"].startswith("resumed from") and resumed["task_steps"] == full["task_steps"]
-  assert min(seen_resumed) == 5 and seen_killed == {s: seen_full[s] for s in range(6)}
-  assert {s: seen_full[s] for s in range(5, 10)} == seen_resumed  # The very same batches.
-  a, _ = ckpt_lib.load_params(tmp_path / "full", prefer="latest")
-  b, _ = ckpt_lib.load_params(tmp_path / "resumed", prefer="latest")
-  assert max_abs_diff(a, b) <= 1e-6
-  heads = paths.flatten(a["heads"])
-  assert any(k.startswith("sst2/") for k in heads) and any(k.startswith("conll03/") for k in heads)
 
 
 def test_no_compilation_after_warmup_across_task_switches(tmp_path):

@@ -50,13 +50,18 @@ def test_freeze_has_no_state_and_zero_updates(params):
   state = tx.init(params)
   state_paths = list(paths.flatten(state))
   assert not any("encoder/" in p for p in state_paths), state_paths[:5]
-  assert any("heads/cls/output/kernel" in p for p in state_paths)
+  head = ["heads/cls/output/bias", "heads/cls/output/kernel"]
+  for moment in ("/mu/", "/nu/"):  # Adam's moments: exactly the head's two leaves
+    assert sorted(p.split(moment)[1] for p in state_paths if moment in p) == head, moment
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, state, params)
   for p, u in paths.flatten(updates).items():
     assert bool(jnp.all(u == 0)) == p.startswith("encoder/"), p
-  assert any(line.startswith("group frozen:") for line in summary)
-  assert "trainable" in summary[-1]
+  assert summary[0].endswith(": 2 leaves, 99 params"), summary
+  assert summary[1:] == [
+    "group frozen: 71 leaves, 41,504 params",
+    "params: 41,603 total, 99 trainable",
+  ]
 
 
 def test_freeze_everything_is_an_error(params):

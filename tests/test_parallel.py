@@ -164,12 +164,14 @@ def test_hash_dropout_keeps_the_right_fraction_with_fresh_masks():
   assert not np.allclose(a, b)
   np.testing.assert_array_equal(a, hidden(1))
   # The embedding dropout alone: zeros appear at the dropout rate.
-  from research.models import encoder as encoder_lib
+  import flax.linen as nn
 
-  class Drop(encoder_lib.nn.Module):
-    @encoder_lib.nn.compact
+  from research.models import common
+
+  class Drop(nn.Module):
+    @nn.compact
     def __call__(self, x):
-      return encoder_lib.dropout(self, x, 0.25, deterministic=False)
+      return common.dropout(self, x, 0.25, deterministic=False)
 
   drop = jax.jit(lambda key: Drop().apply({}, jnp.ones((256, 1024)), rngs={"dropout": key}))
   masks = [np.asarray(drop(jax.random.key(s))) for s in (3, 4)]

@@ -12,7 +12,7 @@ from research.predict import predict_file
 from research.train import checkpoints as ckpt_lib
 from research.train.state import build_model
 from research.train.steps import apply_model
-from research.train.trainer import _tokenizer, train_and_evaluate
+from research.train.trainer import tokenizer_of, train_and_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_predict_matches_eval_mode_on_1000_lines(tiny_run, tmp_path):
   # Eval mode over the dev split (same sentences, in order): the same labels and probabilities.
   data = config.tasks.sst2.data
   it = input_pipeline.build_iterator(
-    data, _tokenizer(config), "validation", batch_size=8, train=False
+    data, tokenizer_of(config), "validation", batch_size=8, train=False
   )
   model, _ = build_model(config, {"sst2": 2})
   params, _ = ckpt_lib.load_params(workdir, prefer="best")
@@ -101,7 +101,7 @@ def test_predict_tagging_spans_match_eval_mode(tmp_path):
   ]
   names = json.loads((workdir / "labels.json").read_text())["conll03"]
   data = config.tasks.conll03.data
-  it = input_pipeline.build_iterator(data, _tokenizer(config), "dev", batch_size=8, train=False)
+  it = input_pipeline.build_iterator(data, tokenizer_of(config), "dev", batch_size=8, train=False)
   model, _ = build_model(config, {"conll03": len(names)})
   params, _ = ckpt_lib.load_params(workdir, prefer="best")
   expected = []

@@ -6,12 +6,13 @@ metrics its task promises. Each takes well under a minute on 2 idle cores.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 from train_util import REPO, load_config_module
+
+from research.subprocess_env import child_env
 
 # (config, variant, data folder, {task: metrics results.json must hold}, steps)
 NER = ("f1", "precision", "recall")
@@ -47,10 +48,9 @@ def _run(name: str, variant: str, config, workdir) -> dict:
   if config.get("trainer") == "meta":
     # Through the CLI on one device, as users run it: one episode per meta-batch does not
     # split over the 8 simulated devices the rest of the suite uses.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [sys.executable, "-m", "research.main", f"--config=configs/{name}.py:{variant}"]
     out = subprocess.run(
-      [*cmd, f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True
+      [*cmd, f"--workdir={workdir}"], cwd=REPO, env=child_env(), capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-3000:]
   else:

@@ -1,5 +1,6 @@
-"""The trainer end to end on a tiny model: freezing, resume after SIGKILL, accumulation, NaN
-guard, config and checkpoint errors, init_from."""
+"""The supervised program end to end on a tiny model: freezing, resume after a real SIGKILL,
+accumulation, config and checkpoint errors, init_from. (Resume, preemption and the non-finite
+guard of every program: tests/test_loop.py.)"""
 
 import json
 import os
@@ -17,7 +18,7 @@ from train_util import REPO, make_tiny_minilm_like, max_abs_diff, tiny_config
 from research import paths
 from research.train import checkpoints as ckpt_lib
 from research.train.state import build_model, init_fn
-from research.train.trainer import NonFiniteError, train_and_evaluate
+from research.train.trainer import train_and_evaluate
 from research.transfer import hf
 
 
@@ -78,43 +79,6 @@ def test_grad_accum_equals_full_batch():
     out[k] = (state.params, float(metrics["loss"]))
   assert max_abs_diff(out[1][0], out[4][0]) < 1e-6
   np.testing.assert_allclose(out[1][1], out[4][1], rtol=1e-6)
-
-
-def test_nan_batch_is_skipped_and_training_continues(tmp_path):
-  config = tiny_config(steps=12, log_every=4, checkpoint_every=0, eval_every=12)
-
-  def inject(step, batch):
-    if step == 5:
-      batch = dict(batch, example_mask=np.full_like(batch["example_mask"], np.nan))
-    return batch
-
-  results = train_and_evaluate(config, str(tmp_path), batch_hook=inject)
-  records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  train = [r for r in records if r["split"] == "train"]
-  assert [r["nonfinite_total"] for r in train] == [0, 1, 1]
-  assert all(np.isfinite(r["loss"]) for r in train)
-  assert results["steps"] == 12 and "accuracy" in results["eval"]["sst2"]
-
-
-def test_nan_streak_stops_with_clear_message(tmp_path):
-  config = tiny_config(
-    steps=30, log_every=5, checkpoint_every=5, eval_every=0, nonfinite_patience=3
-  )
-
-  def inject(step, batch):
-    if step >= 7:
-      batch = dict(batch, example_mask=np.full_like(batch["example_mask"], np.nan))
-    return batch
-
-  with pytest.raises(
-    NonFiniteError,
-    match=r"3 non-finite steps in a row.*last good checkpoint "
-    r"is 5",
-  ):
-    train_and_evaluate(config, str(tmp_path), batch_hook=inject)
-  final, where = ckpt_lib.load_params(tmp_path, prefer="latest")
-  assert where.endswith("checkpoints/5")
-  assert all(np.isfinite(x).all() for x in paths.flatten(final).values())
 
 
 RESUME_SCRIPT = textwrap.dedent("""
@@ -218,13 +182,55 @@ def test_workdir_of_another_model_fails_naming_path(tmp_path):
     train_and_evaluate(other, str(tmp_path))
 
 
-def test_init_from_previous_run_grafts_its_params(tmp_path):
+def test_init_from_previous_run_grafts_its_params(tmp_path, monkeypatch):
+  from research.transfer import graft as graft_lib
+
   first = tiny_config(steps=4, checkpoint_every=4, eval_every=4)
   train_and_evaluate(first, str(tmp_path / "a"))
-  second = tiny_config(steps=1, checkpoint_every=0, eval_every=0)
+  source = paths.flatten(ckpt_lib.load_params(tmp_path / "a")[0])
+  encoder = sorted(p for p in source if p.startswith("encoder/"))
+  heads = ["heads/sst2/output/bias", "heads/sst2/output/kernel"]
+  assert len(encoder) == 39 and sorted(source) == sorted(encoder + heads)
+
+  grafts = []  # (fresh init, grafted) params, copied to the host before the step donates them
+
+  real_graft = graft_lib.graft
+
+  def spy(target, *args, **kwargs):
+    grafted, report = real_graft(target, *args, **kwargs)
+    copy = lambda tree: {k: np.array(v, copy=True) for k, v in paths.flatten(tree).items()}
+    grafts.append((copy(target), copy(grafted)))
+    return grafted, report
+
+  monkeypatch.setattr(graft_lib, "graft", spy)
+  second = tiny_config(steps=1, checkpoint_every=1, eval_every=0)
   second.init_from = str(tmp_path / "a")
   second.optim.freeze = ("encoder/.*",)
-  train_and_evaluate(second, str(tmp_path / "b"))
-  report = (tmp_path / "b" / "graft_report.txt").read_text()
-  assert "41 leaves" not in report and "39 transferred" in report
-  assert "unused in source       " not in report or "heads/sst2" in report
+  results = train_and_evaluate(second, str(tmp_path / "b"))
+  assert results["init"].startswith(f"grafted from run checkpoint {tmp_path / 'a'}/")
+
+  # The report a user reads: every encoder leaf from the same path, the new head at init.
+  lines = (tmp_path / "b" / "graft_report.txt").read_text().splitlines()
+  rows = [(line[:23].strip(), *line[24:].split()) for line in lines[2:-1]]
+  assert sorted(r[1:] for r in rows if r[0] == "transferred") == [(p, p) for p in encoder]
+  assert sorted(r[1] for r in rows if r[0] == "left at init") == heads
+  assert sorted(r[2] for r in rows if r[0] == "unused in source") == heads
+  assert len(rows) == 39 + 2 + 2
+  assert lines[-1] == (
+    "graft: 39 transferred, 2 left at init, 2 unused in source, 0 re-initialised (shape mismatch)"
+  )
+
+  # Before training: the encoder is the source run's, bit for bit; the head is the fresh init.
+  assert len(grafts) == 1
+  init, grafted = grafts[0]
+  assert sorted(grafted) == sorted(source)
+  for p in encoder:
+    np.testing.assert_array_equal(grafted[p], source[p], err_msg=p)
+  for p in heads:
+    np.testing.assert_array_equal(grafted[p], init[p], err_msg=p)
+    assert np.max(np.abs(grafted[p] - source[p])) > 1e-5, p  # not the source run's head
+  # After the step: the frozen encoder is unchanged bitwise; the head trained.
+  final = paths.flatten(ckpt_lib.load_params(tmp_path / "b", prefer="latest")[0])
+  for p in encoder:
+    np.testing.assert_array_equal(final[p], source[p], err_msg=p)
+  assert np.max(np.abs(final["heads/sst2/output/kernel"] - init["heads/sst2/output/kernel"])) > 1e-5

@@ -1,23 +1,18 @@
 """Helpers for trainer tests: tiny configs over the committed SST-2 fixture."""
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from research import paths
+from research import config_lib, paths
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_config_module(name: str):
-  spec = importlib.util.spec_from_file_location(
-    name.replace("/", "."), REPO / "configs" / f"{name}.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """``configs/<name>.py`` as a module, loaded the way the CLI and the launchers load it."""
+  return config_lib.load_module(REPO / "configs" / f"{name}.py")
 
 
 def tiny_config(**train):

@@ -61,13 +61,11 @@ def unfreeze_schedule(steps: int, layers: int) -> tuple[tuple[str, int], ...]:
 
 def get_sweep(arg: str | None = None):
   """The nine methods of the module docstring, for the same variant (``:steps=1000``)."""
-  from launch import sweep
-
   config = get_config(arg)
   layers = config.model.encoder_overrides.get("num_layers", 6)  # all-MiniLM-L6-v2: 6.
 
   bottom4 = ("encoder/embeddings/.*", "encoder/layer_[0-3]/.*")
-  return sweep.variants(
+  return config_lib.variants(
     "method",
     {
       "full": {},

@@ -21,14 +21,13 @@ printed; the last line is ``torch_over_xla=<torch GFLOP/s / best XLA GFLOP/s>``.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from research.bench import timing
 
 Weights = list[list[jax.Array]]
 
@@ -126,14 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     "xla feature-major": xla_runner(feature_major, weights, x.T),
     "torch": torch_runner(weights, x),
   }
-  times: dict[str, list[float]] = {name: [] for name in runners}
-  load_before = os.getloadavg()[0]
-  for _ in range(args.rounds):
-    for name, run in runners.items():
-      start = time.perf_counter()
-      for _ in range(args.steps):
-        run()
-      times[name].append((time.perf_counter() - start) / args.steps)
+  load_before = timing.load()
+  sides = {name: lambda run=run: timing.per_call(run, args.steps) for name, run in runners.items()}
+  times = timing.alternate(sides, args.rounds)
   flops = stack_flops(args.layers, args.hidden, args.intermediate, tokens)
   print(
     f"{args.layers} blocks, {tokens} tokens, D={args.hidden}, F={args.intermediate}: "
@@ -141,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
   )
   print(f"{'':20} {'median s':>9} {'GFLOP/s':>8}")
   rate = {}
-  for name, ts in times.items():
-    rate[name] = flops / statistics.median(ts) / 1e9
-    print(f"{name:20} {statistics.median(ts):9.3f} {rate[name]:8.1f}")
-  print(f"load avg (1 min) before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
+  for name, med in timing.medians(times).items():
+    rate[name] = flops / med / 1e9
+    print(f"{name:20} {med:9.3f} {rate[name]:8.1f}")
+  print(timing.load_line(load_before))
   best_xla = max(v for k, v in rate.items() if k.startswith("xla"))
   print(f"torch_over_xla={rate['torch'] / best_xla:.3g}")
   return 0

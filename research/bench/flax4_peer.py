@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,10 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.
 
 def main(spec_json: str) -> int:
   import transformers
+
+  # The package's research/bench/timing.py, as a sibling of this script (its directory is
+  # sys.path[0]); timing.py imports only the standard library at the top, for this worker.
+  from timing import per_call
 
   spec = json.loads(spec_json)
   names = dict(num_layers="num_hidden_layers", num_heads="num_attention_heads")
@@ -63,14 +66,15 @@ def main(spec_json: str) -> int:
   step = jax.jit(step, donate_argnums=(0,))
   state = (model.params, tx.init(model.params))
   rng = jax.random.PRNGKey(0)
+
+  def one() -> jax.Array:
+    nonlocal state, rng
+    rng, sub = jax.random.split(rng)
+    state, loss = step(state, sub)
+    return loss
+
   for line in sys.stdin:
-    n = int(line)
-    start = time.perf_counter()
-    for _ in range(n):
-      rng, sub = jax.random.split(rng)
-      state, loss = step(state, sub)
-    jax.block_until_ready(loss)
-    print((time.perf_counter() - start) / n, flush=True)
+    print(per_call(one, int(line)), flush=True)
   return 0
 
 

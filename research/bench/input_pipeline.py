@@ -14,10 +14,10 @@ batch time>`` for the ``seq_len`` bucket: how many times faster batches come tha
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from transformers import AutoTokenizer
 
+from research.bench import timing
 from research.data import build_iterator, default_data_config, input_pipeline, locations
 from research.models.heads import HeadConfig
 from research.models.task_model import init_params, make_task_model
@@ -93,21 +94,16 @@ def make_step(model_dir: Path, batch_size: int, seq_len: int):
   return step, state, batch
 
 
-def time_steps(step, state, batch, n: int) -> tuple[Any, float]:
-  """Seconds per step over ``n`` steps (host batch -> device each step, as in training)."""
-  start = time.perf_counter()
-  for _ in range(n):
+def stepper(step, state, batch) -> Callable[[], jax.Array]:
+  """One train step per call, threading the state (host batch -> device each step, as in
+  training); returns the loss."""
+
+  def one() -> jax.Array:
+    nonlocal state
     state, loss = step(state, jax.device_put(batch))
-  jax.block_until_ready(loss)
-  return state, (time.perf_counter() - start) / n
+    return loss
 
-
-def time_batches(it, n: int) -> float:
-  """Seconds per batch over ``n`` batches."""
-  start = time.perf_counter()
-  for _ in range(n):
-    next(it)
-  return (time.perf_counter() - start) / n
+  return one
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,17 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     ),
   }
   for it in iters.values():
-    time_batches(it, 5)  # start grain's threads
+    timing.per_call(it.__next__, 5)  # start grain's threads
 
-  step, state, batch = make_step(model_dir, bsz, seq)
-  state, compile_s = time_steps(step, state, batch, 1)
-  times: dict[str, list[float]] = {"step": [], "fixed": [], "bucketed": []}
-  for _ in range(args.rounds):  # Alternate ours and the peer; report medians.
-    state, t = time_steps(step, state, batch, args.steps)
-    times["step"].append(t)
-    for name, it in iters.items():
-      times[name].append(time_batches(it, args.batches))
-  med = {k: statistics.median(v) for k, v in times.items()}
+  step = stepper(*make_step(model_dir, bsz, seq))
+  compile_s = timing.per_call(step, 1)
+  sides = {"step": lambda: timing.per_call(step, args.steps)}
+  for name, it in iters.items():
+    sides[name] = lambda it=it: timing.per_call(it.__next__, args.batches)
+  med = timing.medians(timing.alternate(sides, args.rounds))
 
   epoch_batches = len(tok) // bsz
   print(f"device: {jax.devices()[0].platform} x{jax.device_count()}, model: {model_dir.name}")

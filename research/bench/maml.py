@@ -28,7 +28,6 @@ machines without the 87 MB pretrained weights (the GPU machine, research/bench/g
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from research.bench import timing
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -117,12 +118,16 @@ class Ours:
     self.params = params
 
   def run(self, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-      self.state, metrics = self.step(self.state, self.batch)
-    jax.block_until_ready(metrics)
-    self.last_loss = float(metrics["loss"])
-    return (time.perf_counter() - start) / n
+    def step() -> dict[str, jax.Array]:
+      self.state, self.metrics = self.step(self.state, self.batch)
+      return self.metrics
+
+    return timing.per_call(step, n)
+
+  @property
+  def last_loss(self) -> float:
+    """The meta-loss of the last step run (a host sync: read it after the timing)."""
+    return float(self.metrics["loss"])
 
 
 class TorchFunc:
@@ -183,26 +188,34 @@ class TorchFunc:
       fast = {k: fast[k] - lr * grads[k] for k in fast}
     return ce(self.logits(fast, ep, "query_"), ep["query_labels"])
 
+  def step(self) -> Any:
+    """One meta-step over the episodes, then Adam; returns the mean meta-loss tensor."""
+    torch = self.torch
+    detached = {k: v.detach() for k, v in self.params.items()}
+    total, losses = None, []
+    for ep in self.episodes:
+      grads, loss = torch.func.grad_and_value(self.meta_loss)(detached, ep)
+      losses.append(loss)
+      total = grads if total is None else {k: total[k] + grads[k] for k in total}
+    for k, p in self.params.items():
+      p.grad = total[k] / len(self.episodes)
+    self.opt.step()
+    return sum(losses) / len(losses)
+
+  def wait(self, loss: Any) -> None:
+    """Reads the loss and, on CUDA, waits for the queued work (the optimizer step too)."""
+    self.last_loss = float(loss)
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
+
   def run(self, n: int) -> float:
     torch = self.torch
     if self.device == "cuda":
       torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(n):
-      detached = {k: v.detach() for k, v in self.params.items()}
-      total, losses = None, []
-      for ep in self.episodes:
-        grads, loss = torch.func.grad_and_value(self.meta_loss)(detached, ep)
-        losses.append(loss)
-        total = grads if total is None else {k: total[k] + grads[k] for k in total}
-      for k, p in self.params.items():
-        p.grad = total[k] / len(self.episodes)
-      self.opt.step()
-    self.last_loss = float(sum(losses) / len(losses))
+    seconds = timing.per_call(self.step, n, wait=self.wait)
     if self.device == "cuda":
-      torch.cuda.synchronize()
       self.memory_bytes = torch.cuda.max_memory_allocated()
-    return (time.perf_counter() - start) / n
+    return seconds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -256,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-  load_before = os.getloadavg()
+  load_before = timing.load()
   wanted = args.variants.split(",")
   spec = {
     "second": dict(first_order=False, remat=False),
@@ -274,16 +287,8 @@ def bench(args: argparse.Namespace) -> int:
   for s in sides:  # Warm-up: our first run, the peer's first step; the same start on each side.
     first[s.name] = s.run(1)
     first_loss[s.name] = s.last_loss
-  times: dict[str, list[float]] = {s.name: [] for s in sides}
-  for _ in range(args.rounds):
-    for s in sides:
-      times[s.name].append(s.run(args.steps))
-  load_after = os.getloadavg()
-  dev = jax.devices()[0]
-  print(
-    f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, cpus: {os.cpu_count()}, "
-    f"load avg (1 min) before/after: {load_before[0]:.2f}/{load_after[0]:.2f}"
-  )
+  times = timing.alternate({s.name: lambda s=s: s.run(args.steps) for s in sides}, args.rounds)
+  print(timing.machine_line(load_before))
   print(
     f"meta-step: MiniLM-L6, {args.episodes} episodes of {args.way}-way {args.shot}-shot "
     f"(+{args.query} query/class), seq {args.seq}, {args.inner_steps} inner steps, "
@@ -304,9 +309,8 @@ def bench(args: argparse.Namespace) -> int:
     return 0
   second = [o for o in ours if "first order" not in o.name] or ours
   ref = min(second, key=lambda o: statistics.median(times[o.name]))
-  speedup = statistics.median(times[peer.name]) / statistics.median(times[ref.name])
   print(f"speedup of {ref.name!r} over the peer")
-  print(f"speedup_vs_torch_func={speedup:.2f}")
+  print(f"speedup_vs_torch_func={timing.ratio(times, peer.name, ref.name):.2f}")
   return 0
 
 

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
+
+from research.bench import timing
+from research.subprocess_env import child_env
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # Dense peak TFLOP/s per chip: (bf16, fp32 without TF32). Sources: vendor data sheets (SXM parts).
@@ -111,37 +114,34 @@ class Ours:
     self.host_batch = make_batch(args.batch, args.seq, self.enc.vocab_size)
     self.batch = parallel.global_batch(self.host_batch, self.batch_sharding)
 
+  def stepper(self, batch: dict[str, jax.Array]) -> Callable[[], dict[str, jax.Array]]:
+    """One train step on ``batch`` per call, the way the trainer runs them (no host sync)."""
+
+    def step() -> dict[str, jax.Array]:
+      self.state, metrics = self.step(self.state, batch)
+      return metrics
+
+    return step
+
   def compile(self) -> float:
-    start = time.perf_counter()
-    self.run(1)
-    return time.perf_counter() - start
+    return timing.per_call(self.stepper(self.batch), 1)
 
   def run(self, n: int) -> float:
-    """Seconds per step over ``n`` steps, the way the trainer runs them (no host sync)."""
-    start = time.perf_counter()
-    for _ in range(n):
-      self.state, metrics = self.step(self.state, self.batch)
-    jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / n
+    """Seconds per step over ``n`` steps."""
+    return timing.per_call(self.stepper(self.batch), n)
 
   def time_shape(self, seq: int, n: int) -> float:
     """Seconds per step at another sequence length (compiles that shape first)."""
     from research.train import parallel
 
     batch = make_batch(len(self.host_batch["labels"]), seq, self.enc.vocab_size)
-    batch = parallel.global_batch(batch, self.batch_sharding)
-    self.state, metrics = self.step(self.state, batch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(n):
-      self.state, metrics = self.step(self.state, batch)
-    jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / n
+    step = self.stepper(parallel.global_batch(batch, self.batch_sharding))
+    timing.per_call(step, 1)
+    return timing.per_call(step, n)
 
   def loss(self) -> float:
     """Runs one more step and returns its loss (a host sync: not for timing)."""
-    self.state, metrics = self.step(self.state, self.batch)
-    return float(metrics["loss"])
+    return float(self.stepper(self.batch)()["loss"])
 
 
 class PyTorch:
@@ -179,17 +179,17 @@ class PyTorch:
   def compile(self) -> float:
     return self.run(1)
 
+  def step(self) -> Any:
+    """One eager step; returns the loss tensor."""
+    self.opt.zero_grad(set_to_none=True)
+    loss = self.model(**self.inputs, labels=self.labels).loss
+    loss.backward()
+    self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    self.opt.step()
+    return loss
+
   def run(self, n: int) -> float:
-    torch = self.torch
-    start = time.perf_counter()
-    for _ in range(n):
-      self.opt.zero_grad(set_to_none=True)
-      loss = self.model(**self.inputs, labels=self.labels).loss
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-      self.opt.step()
-    self.last_loss = loss.item()
-    return (time.perf_counter() - start) / n
+    return timing.per_call(self.step, n)
 
 
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -218,13 +218,12 @@ class Flax4:
       seq=args.seq,
       dtype=args.dtype,
     )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     self.proc = subprocess.Popen(
       [str(python), str(worker), json.dumps(spec)],
       stdin=subprocess.PIPE,
       stdout=subprocess.PIPE,
       text=True,
-      env=env,
+      env=child_env(),
     )
 
   def _ask(self, n: int) -> float:
@@ -298,7 +297,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  load_before = os.getloadavg()
+  load_before = timing.load()
   ours = Ours(args)
   peer = None
   if args.peer == "pytorch":
@@ -308,12 +307,11 @@ def main(argv: list[str] | None = None) -> int:
   first = {"ours": ours.compile()}
   if peer is not None:
     first["peer"] = peer.compile()
-  times: dict[str, list[float]] = {"ours": [], "peer": []}
-  for _ in range(args.rounds):
-    times["ours"].append(ours.run(args.steps))
-    if peer is not None:
-      times["peer"].append(peer.run(args.steps))
-  load_after = os.getloadavg()
+  sides = {"ours": lambda: ours.run(args.steps)}
+  if peer is not None:
+    sides["peer"] = lambda: peer.run(args.steps)
+  times = timing.alternate(sides, args.rounds)
+  machine = timing.machine_line(load_before)
   if isinstance(peer, Flax4):
     peer.close()
   if args.epoch:
@@ -321,12 +319,8 @@ def main(argv: list[str] | None = None) -> int:
 
   enc = ours.enc
   flops = model_flops(enc.num_layers, enc.hidden_size, enc.intermediate_size, args.batch, args.seq)
-  dev = jax.devices()[0]
-  peak = args.peak_tflops or peak_tflops(dev.device_kind, args.dtype)
-  print(
-    f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, cpus: {os.cpu_count()}, "
-    f"load avg (1 min) before/after: {load_before[0]:.2f}/{load_after[0]:.2f}"
-  )
+  peak = args.peak_tflops or peak_tflops(jax.devices()[0].device_kind, args.dtype)
+  print(machine)
   print(
     f"model: {args.size} ({enc.num_layers}x{enc.hidden_size}, heads {enc.num_heads}), batch "
     f"{args.batch}x{args.seq}, dtype {args.dtype}, {args.rounds} rounds x {args.steps} steps, "
@@ -334,11 +328,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   header = f"{'':30} {'median s/step':>13} {'min':>7} {'examples/s':>10} {'TFLOP/s':>8} {'MFU':>7}"
   print(header)
-  rows = [(ours.name, times["ours"])]
-  if peer is not None:
-    rows.append((peer.name, times["peer"]))
-  for name, ts in rows:
-    med = statistics.median(ts)
+  names = {"ours": ours.name, "peer": peer.name if peer is not None else ""}
+  for side, ts in times.items():
+    name, med = names[side], statistics.median(ts)
     mfu = f"{100 * flops / med / (peak * 1e12):6.1f}%" if peak else "    n/a"
     print(
       f"{name:30} {med:13.3f} {min(ts):7.3f} {args.batch / med:10.1f} "
@@ -347,13 +339,12 @@ def main(argv: list[str] | None = None) -> int:
   peer_first = f", peer {first['peer']:.1f} s" if peer is not None else ""
   print(f"first step (compile + run): ours {first['ours']:.1f} s{peer_first}")
   print("per-round s/step: ours " + " ".join(f"{t:.3f}" for t in times["ours"]))
-  if peer is not None:
-    print("per-round s/step: peer " + " ".join(f"{t:.3f}" for t in times["peer"]))
   if peer is None:
     print(f"examples_per_sec={args.batch / statistics.median(times['ours']):.1f}")
   else:
+    print("per-round s/step: peer " + " ".join(f"{t:.3f}" for t in times["peer"]))
     key = "speedup_vs_pytorch" if args.peer == "pytorch" else "speedup_vs_flax4"
-    print(f"{key}={statistics.median(times['peer']) / statistics.median(times['ours']):.2f}")
+    print(f"{key}={timing.ratio(times, 'peer', 'ours'):.2f}")
   return 0
 
 

@@ -32,8 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from research.meta import inner
-from research.models.encoder import Encoder
-from research.models.heads import Head, pool
+from research.models.heads import pool
 from research.models.task_model import TaskModel
 
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "protonet", "finetune")
@@ -123,10 +122,9 @@ class MetaLearner:
 
   def __init__(self, model: TaskModel, task: str, settings: Settings):
     self.model, self.task, self.s = model, task, settings
-    kw = dict(dtype=model.dtype, param_dtype=model.param_dtype)
-    self.encoder = Encoder(model.encoder, remat=model.remat, **kw)
-    self.head_config = dict(model.heads)[task]
-    self.head = Head(self.head_config, **kw)
+    self.encoder = model.encoder_module()
+    self.head = model.head_module(task)
+    self.head_config = self.head.config
 
   # --- Forward pieces. --------------------------------------------------------------------
   def encode(self, params: dict[str, Any], episode: Episode, prefix: str) -> dict[str, Any]:

@@ -1,10 +1,7 @@
-"""``train_and_evaluate(config, workdir)`` for meta-learning runs (``config.trainer == 'meta'``).
+"""The meta-learning training program (``config.program = 'meta'``).
 
-A second small trainer beside research.train.trainer, sharing its pieces: the TaskModel and its
-graft from the pretrained checkpoint, the optax chain with freeze masks (the outer optimizer),
-the mesh and :func:`research.train.parallel.compile_train_step`, orbax checkpoints holding the
-state and the episode iterator position (exact resume), and the MetricWriter.
-
+Meta-training runs through the one loop (:func:`research.train.loop.run`: resume, checkpoints,
+the non-finite guard, preemption, results.json); what is particular to meta-learning is here.
 Episodes come from :mod:`research.data.episodes` over the published class splits: meta-train
 episodes from the ``train`` classes, validation episodes (``eval_every``) from ``valid``, and
 the final ``meta.test_episodes`` from ``test``, drawn with ``meta.test_seed`` so every algorithm
@@ -27,16 +24,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from research import optim
 from research.data import episodes as episodes_lib
 from research.meta import inner
 from research.meta.algorithms import MetaLearner, settings_from_config
 from research.meta.steps import make_eval_step, make_meta_step
-from research.train import checkpoints as ckpt_lib
-from research.train import parallel, setup
-from research.train.metrics import MetricWriter
+from research.train import loop, parallel
+from research.train.loop import train_and_evaluate
 from research.train.state import build_model, init_fn
-from research.train.trainer import Prefetcher, _single_task, _tokenizer, open_workdir
+from research.train.trainer import tokenizer_of
+
+__all__ = ["MetaProgram", "MetaTestProgress", "mean_ci95", "train_and_evaluate"]
 
 
 def mean_ci95(values: np.ndarray) -> dict[str, float]:
@@ -52,9 +49,19 @@ def mean_ci95(values: np.ndarray) -> dict[str, float]:
   }
 
 
+def single_task(config: ml_collections.ConfigDict) -> tuple[str, ml_collections.ConfigDict]:
+  """The one task of a meta-learning run (its episodes come from that task's data set)."""
+  if len(config.tasks) != 1:
+    raise ValueError(
+      f"meta-learning trains one task; config.tasks has {sorted(config.tasks)} "
+      "(the supervised program trains several)"
+    )
+  return next(iter(config.tasks.items()))
+
+
 def episode_iterator(config, tokenizer, class_split: str, seed: int, episodes: int | None):
   """Episodes of ``class_split``; ``episodes`` fixes a finite evaluation set (else endless)."""
-  meta, (_, task_cfg) = config.meta, _single_task(config)
+  meta, (_, task_cfg) = config.meta, single_task(config)
   per_batch = meta.episodes_per_batch if episodes is None else meta.eval_episodes_per_batch
   if episodes is not None and episodes % per_batch:
     raise ValueError(
@@ -161,163 +168,128 @@ def params_checksum(params) -> float:
   return float(jax.jit(total)(params))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+@loop.register_program("meta")
+class MetaProgram(loop.Program):
   """Meta-trains (``train.steps`` outer steps, possibly 0) and scores held-out episodes.
 
-  Args:
-    config: an experiment config with ``trainer='meta'`` and a ``meta`` block (see
-      configs/intent_fewshot_maml.py).
-    workdir: the run directory; holding a checkpoint, the run resumes from it exactly.
-
-  Returns:
-    The results.json dict.
-
-  Raises:
-    ValueError: a bad episode shape for a class split (``n_way`` above its classes, or a class
-      with fewer than ``k_shot + q_query`` examples, named with its count), or bad settings.
+  ``build`` raises ValueError for a bad episode shape of a class split (``n_way`` above its
+  classes, or a class with fewer than ``k_shot + q_query`` examples, named with its count) or
+  bad settings, before anything is compiled or written.
   """
-  t_start = time.time()
-  workdir, is_main = open_workdir(config, workdir)
-  task, _ = _single_task(config)
-  meta, tcfg = config.meta, config.train
-  settings = settings_from_config(meta)
-  tokenizer = _tokenizer(config)
-  # Episode iterators first: a bad N or K fails here, before anything is compiled.
-  train_it = episode_iterator(config, tokenizer, "train", config.seed, None)
-  valid_it = lambda: episode_iterator(
-    config, tokenizer, "valid", meta.test_seed + 1, meta.valid_episodes
-  )
-  test_it = lambda: episode_iterator(config, tokenizer, "test", meta.test_seed, meta.test_episodes)
-  valid_it(), test_it()
 
-  model, _ = build_model(config, {task: meta.n_way})
-  learner = MetaLearner(model, task, settings)
-  mesh = parallel.make_mesh(config.get("parallel"))
-  parallel.check_batch_size(meta.episodes_per_batch, mesh, "meta.episodes_per_batch")
-  parallel.check_batch_size(meta.eval_episodes_per_batch, mesh, "meta.eval_episodes_per_batch")
+  eval_split = "valid"
 
-  # --- State: the model's params (+ Meta-SGD's learned inner LRs), outer optimizer. -------
-  model_init = init_fn(model)
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
 
-  def init(r):
-    params = model_init(r)
-    if settings.meta_sgd:
-      params["inner_lr"] = inner.inner_lr_tree(params, settings.inner, settings.inner_lr)
+  def build(self, run: loop.Run) -> None:
+    config, meta = self.config, self.config.meta
+    self.task, _ = single_task(config)
+    self.tasks = [self.task]
+    self.settings = settings_from_config(meta)
+    self.tokenizer = tokenizer_of(config)
+    # Episode iterators first: a bad N or K fails here, before anything is compiled.
+    self.train_it = episode_iterator(config, self.tokenizer, "train", config.seed, None)
+    self.valid_it(), self.test_it()
+    model, _ = build_model(config, {self.task: meta.n_way})
+    self.learner = MetaLearner(model, self.task, self.settings)
+    parallel.check_batch_size(meta.episodes_per_batch, run.mesh, "meta.episodes_per_batch")
+    parallel.check_batch_size(
+      meta.eval_episodes_per_batch, run.mesh, "meta.eval_episodes_per_batch"
+    )
+    self.model_init = init_fn(model)
+    self.steps = int(config.train.steps) if self.settings.meta_trains else 0
+    self.best_metric = f"{self.task}/accuracy"
+
+  def valid_it(self):
+    meta = self.config.meta
+    return episode_iterator(
+      self.config, self.tokenizer, "valid", meta.test_seed + 1, meta.valid_episodes
+    )
+
+  def test_it(self):
+    meta = self.config.meta
+    return episode_iterator(self.config, self.tokenizer, "test", meta.test_seed, meta.test_episodes)
+
+  def init_params(self, rng: jax.Array) -> Any:
+    """The model's params, plus Meta-SGD's learned inner learning rates."""
+    params = self.model_init(rng)
+    if self.settings.meta_sgd:
+      s = self.settings
+      params["inner_lr"] = inner.inner_lr_tree(params, s.inner, s.inner_lr)
     return params
 
-  plan = setup.plan_state(config, init, mesh, max(tcfg.steps, 1))
-  abstract_params, shardings = plan.abstract_params, plan.shardings
-  ckpts = ckpt_lib.Checkpoints(
-    workdir, max_to_keep=tcfg.max_to_keep, best_metric=f"{task}/valid_accuracy"
-  )
-  writer = MetricWriter(
-    workdir,
-    total_steps=tcfg.steps if settings.meta_trains else 0,
-    enabled=is_main,
-    progress=tcfg.get("progress", True),
-  )
-  for line in plan.summary:
-    writer.print(line)
-  report_path = workdir / "graft_report.txt" if is_main else None
-  state, data_state, origin = setup.first_state(plan, config, ckpts, writer.print, report_path)
-  writer.print(f"init: {origin}; {settings}")
-  counts = optim.count_params(abstract_params, optim.freeze_labels(config.optim, abstract_params))
+  def describe(self) -> str:
+    return str(self.settings)
 
-  # --- Steps. -----------------------------------------------------------------------------
-  bsharding = parallel.batch_sharding(mesh)
-  put = lambda b: parallel.global_batch(b, bsharding)
-  if data_state:
-    train_it.set_state(data_state)
-  start_step = int(state.step)
-  steps = tcfg.steps if settings.meta_trains else 0
-  batches = Prefetcher(train_it, put, start_step=start_step)
-  meta_step = parallel.compile_train_step(
-    lambda axis: make_meta_step(learner, axis), config.parallel.mode, mesh, shardings, bsharding
-  )
-  eval_step = jax.jit(
-    make_eval_step(learner),
-    in_shardings=(shardings.params, bsharding),
-    out_shardings=parallel.replicated(mesh),
-  )
+  def batches(self, run: loop.Run, start_step: int, data_state: dict):
+    if data_state:
+      self.train_it.set_state(data_state)
+    return self.train_it
 
-  # --- The loop. --------------------------------------------------------------------------
-  pending: list[dict] = []
-  train_time, episodes_seen, t_log = 0.0, 0.0, None
-  for step in range(start_step, steps):
-    state, metrics = meta_step(state, next(batches))
-    pending.append(metrics)
-    done = step + 1
-    if done % tcfg.log_every == 0 or done == steps:
-      host = jax.device_get(pending)  # The only device->host sync of the loop.
-      pending = []
-      now = time.time()
-      if t_log is not None:
-        train_time += now - t_log
-        episodes_seen += float(sum(m["examples"] for m in host))
-      record = {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k != "examples"}
-      writer.write(done, "train", record)
-      writer.advance(len(host), loss=record["loss"])
-      if int(host[-1]["nonfinite_streak"]) >= tcfg.get("nonfinite_patience", 5):
-        ckpts.wait()
-        raise RuntimeError(f"stopping at step {done}: non-finite meta-gradients in a row")
-      t_log = time.time()
-    if tcfg.eval_every and done % tcfg.eval_every == 0 and meta.valid_episodes:
-      t_eval = time.time()
-      scores = mean_ci95(evaluate(eval_step, state.params, valid_it(), put))
-      writer.write(done, "valid", {"task": task, **scores})
-      writer.print(f"step {done}: valid accuracy {scores['accuracy']:.4f} ± {scores['ci95']:.4f}")
-      ckpts.save_best(done, state.params, {f"{task}/valid_accuracy": scores["accuracy"]})
-      if t_log is not None:
-        t_log += time.time() - t_eval
-    if tcfg.checkpoint_every and (done % tcfg.checkpoint_every == 0 or done == steps):
-      ckpts.save(done, state, batches.state())
-  ckpts.wait()
-  ckpts.close()
+  def compile(self, run: loop.Run, shardings: Any) -> None:
+    self.meta_step = parallel.compile_train_step(
+      lambda axis: make_meta_step(self.learner, axis),
+      self.config.parallel.mode,
+      run.mesh,
+      shardings,
+      run.batch_sharding,
+    )
+    self.eval_step = jax.jit(
+      make_eval_step(self.learner),
+      in_shardings=(shardings.params, run.batch_sharding),
+      out_shardings=parallel.replicated(run.mesh),
+    )
 
-  # --- Held-out meta-test episodes. -------------------------------------------------------
-  key = {"step": steps, "params": params_checksum(state.params), "meta": meta.to_dict()}
-  progress = MetaTestProgress(workdir / "meta_test_progress.json", key, writer.print, is_main)
-  accs = evaluate(eval_step, state.params, test_it(), put, progress)
-  progress.done()
-  test = mean_ci95(accs)
-  writer.write(steps, "test", {"task": task, **test})
-  writer.print(
-    f"meta-test {settings.algorithm} {meta.n_way}-way {meta.k_shot}-shot: accuracy "
-    f"{test['accuracy']:.4f} ± {test['ci95']:.4f} over {test['episodes']} episodes"
-  )
-  writer.close()
-  if is_main:
-    np.save(workdir / "test_episode_accuracy.npy", accs)
-  results = {
-    "config": config.get("experiment", ""),
-    "tasks": [task],
-    "steps": int(steps),
-    "eval": {task: test},
-    "train_examples_per_sec": episodes_seen / train_time if train_time else None,
-    "train_examples_unit": "episodes",
-    "wall_s": time.time() - t_start,
-    "test_wall_s": progress.wall_s(),
-    "params": counts,
-    "init": origin,
-    "meta": {
-      "algorithm": settings.algorithm,
-      "n_way": meta.n_way,
-      "k_shot": meta.k_shot,
-      "q_query": meta.q_query,
-      "inner": list(settings.inner),
-      "inner_steps": settings.inner_steps,
-      "eval_inner_steps": settings.eval_inner_steps,
-      "first_order": settings.first_order,
-      "head_init": settings.head_init,
-      "meta_sgd": settings.meta_sgd,
-      "data": _single_task(config)[1].data.name,
-      "class_split_run": _single_task(config)[1].data.few_shot.run,
-      "test_seed": meta.test_seed,
-    },
-  }
-  if is_main:
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  return results
+  def step_fn(self, step: int):
+    return self.meta_step
+
+  def train_record(self, host: list[dict], first: int, done: int) -> dict[str, float]:
+    skip = {"loss", "grad_norm", "examples", "nonfinite_streak", "nonfinite_total"}
+    return {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k not in skip}
+
+  def evaluate(self, run: loop.Run, params: Any, step: int) -> dict[str, dict[str, Any]]:
+    if not self.config.meta.valid_episodes:
+      return {}
+    return {self.task: mean_ci95(evaluate(self.eval_step, params, self.valid_it(), run.put))}
+
+  def finish(self, run: loop.Run, state: Any, last_eval: dict) -> dict[str, Any]:
+    """Scores the held-out meta-test episodes (resumable: :class:`MetaTestProgress`)."""
+    meta, settings, task = self.config.meta, self.settings, self.task
+    key = {"step": self.steps, "params": params_checksum(state.params), "meta": meta.to_dict()}
+    path = run.workdir / "meta_test_progress.json"
+    progress = MetaTestProgress(path, key, run.print, run.is_main)
+    accs = evaluate(self.eval_step, state.params, self.test_it(), run.put, progress)
+    progress.done()
+    test = mean_ci95(accs)
+    run.print(
+      f"meta-test {settings.algorithm} {meta.n_way}-way {meta.k_shot}-shot: accuracy "
+      f"{test['accuracy']:.4f} ± {test['ci95']:.4f} over {test['episodes']} episodes"
+    )
+    run.write(self.steps, "test", {"task": task, **test})
+    if run.is_main:
+      np.save(run.workdir / "test_episode_accuracy.npy", accs)
+    task_cfg = single_task(self.config)[1]
+    return {
+      "eval": {task: test},
+      "train_examples_unit": "episodes",
+      "test_wall_s": progress.wall_s(),
+      "meta": {
+        "algorithm": settings.algorithm,
+        "n_way": meta.n_way,
+        "k_shot": meta.k_shot,
+        "q_query": meta.q_query,
+        "inner": list(settings.inner),
+        "inner_steps": settings.inner_steps,
+        "eval_inner_steps": settings.eval_inner_steps,
+        "first_order": settings.first_order,
+        "head_init": settings.head_init,
+        "meta_sgd": settings.meta_sgd,
+        "data": task_cfg.data.name,
+        "class_split_run": task_cfg.data.few_shot.run,
+        "test_seed": meta.test_seed,
+      },
+    }
 
 
 def default_meta_config() -> ml_collections.ConfigDict:

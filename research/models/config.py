@@ -3,6 +3,10 @@
 BERT, RoBERTa / XLM-R, DistilBERT, ELECTRA and MiniLM are the same post-LN Transformer encoder
 with small differences (position offset, token types, embedding projection, pooler, names of
 config keys). They are captured here as plain fields so one Flax implementation covers them all.
+
+PeftConfig (LoRA, adapters, BitFit) lives here too: it is part of the architecture (it decides
+which extra parameters the encoder creates), so the models layer owns it, and
+research.transfer.peft builds the optimizer rules and LoRA merging on top of it.
 """
 
 from __future__ import annotations
@@ -10,10 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-  from research.transfer.peft import PeftConfig
+from research import paths
 
 # model_type -> family. The family decides the HF weight names and a few architectural details.
 FAMILIES = {
@@ -24,6 +27,65 @@ FAMILIES = {
   "distilbert": "distilbert",
   "electra": "electra",
 }
+
+PEFT_METHODS = ("none", "lora", "adapters", "bitfit")
+PEFT_PLACEMENTS = ("houlsby", "pfeiffer")
+# The adapter submodules of each encoder layer, by placement.
+ADAPTER_MODULES = {"houlsby": ("attention_adapter", "ffn_adapter"), "pfeiffer": ("ffn_adapter",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """Which parameter-efficient method to use and its sizes (hashable: sits in EncoderConfig).
+
+  Attributes:
+    method: 'none' | 'lora' | 'adapters' | 'bitfit'.
+    lora_rank / lora_alpha: the update is ``A B * alpha / rank`` with A [in, rank].
+    lora_dropout: dropout on the LoRA branch's input (one mask shared by the fused q/k/v).
+    lora_targets: regexes over module paths such as ``encoder/layer_3/attention/query``.
+    adapter_size: bottleneck width of each adapter.
+    adapter_placement: 'houlsby' (after attention and FFN) or 'pfeiffer' (after FFN only).
+  """
+
+  method: str = "none"
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = (r"encoder/layer_\d+/attention/(query|value)",)
+  adapter_size: int = 64
+  adapter_placement: str = "houlsby"
+
+  def __post_init__(self):
+    if self.method not in PEFT_METHODS:
+      raise ValueError(f"model.peft.method={self.method!r}: expected one of {PEFT_METHODS}")
+    if self.adapter_placement not in PEFT_PLACEMENTS:
+      raise ValueError(
+        f"model.peft.adapter_placement={self.adapter_placement!r}: "
+        f"expected one of {PEFT_PLACEMENTS}"
+      )
+    if self.lora_rank < 1 or self.adapter_size < 1:
+      raise ValueError("model.peft: lora_rank and adapter_size must be positive")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"model.peft.lora_dropout={self.lora_dropout}: expected [0, 1)")
+    if isinstance(self.lora_targets, str):
+      raise TypeError("model.peft.lora_targets: a tuple of regexes, not one string")
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    paths.compile_rules([(t, None) for t in self.lora_targets])  # Names a malformed regex.
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank
+
+  def is_lora_target(self, module_path: str) -> bool:
+    """Whether the projection at ``module_path`` gets LoRA matrices (only for method 'lora')."""
+    return self.method == "lora" and paths.match(
+      [(t, True) for t in self.lora_targets], module_path, False
+    )
+
+  @property
+  def adapter_modules(self) -> tuple[str, ...]:
+    """Names of the adapter submodules of each encoder layer (none unless method 'adapters')."""
+    return ADAPTER_MODULES[self.adapter_placement] if self.method == "adapters" else ()
 
 
 @dataclasses.dataclass(frozen=True)

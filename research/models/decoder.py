@@ -29,8 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models.common import dense_init, layer_norm
 from research.models.config import EncoderConfig
-from research.models.encoder import FeedForward, SelfAttention, dense_init, layer_norm
+from research.models.encoder import FeedForward, SelfAttention
 
 Array = jax.Array
 Dtype = Any

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.encoder import dense_init
+from research.models.common import dense_init
 
 Array = jax.Array
 KINDS = ("classification", "tagging", "regression")

@@ -1,10 +1,13 @@
 """The layers of parameter-efficient transfer: LoRA projections and bottleneck adapters.
 
-research.transfer.peft holds the config, the optimizer rules and LoRA merging; this module holds
-what the encoder builds from ``EncoderConfig.peft``. A LoRA layer decides by its own module path
-(``encoder/layer_3/attention/query``, matched against ``lora_targets``) whether it gets
-``lora_a`` [in, r] and ``lora_b`` [r, out] beside its ``kernel`` and ``bias``. ``lora_b`` and an
-adapter's ``up`` projection start at zero, so at init every output equals the base model's.
+This module holds what the encoder builds from ``EncoderConfig.peft`` (a
+:class:`research.models.config.PeftConfig`); research.transfer.peft holds the optimizer rules,
+the parameter counts and LoRA merging, which only read parameter trees. A LoRA layer decides by
+its own module path (``encoder/layer_3/attention/query``, matched against ``lora_targets``)
+whether it gets ``lora_a`` [in, r] and ``lora_b`` [r, out] beside its ``kernel`` and ``bias``.
+``lora_b`` and an adapter's ``up`` projection start at zero, so at init every output equals the
+base model's. Shared numerics (dropout, GELU, init) come from research.models.common, so this
+module and the encoder do not import each other.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from research.models.common import dense_init, dropout, gelu_exact
+from research.models.config import EncoderConfig, PeftConfig
 
 Array = jax.Array
 Dtype = Any
@@ -37,7 +43,9 @@ def module_path(module: nn.Module) -> str:
   return "/".join(names)
 
 
-def lora_params(module: nn.Module, peft: Any, shape: tuple[int, int], param_dtype: Dtype):
+def lora_params(
+  module: nn.Module, peft: PeftConfig | None, shape: tuple[int, int], param_dtype: Dtype
+) -> tuple[Array, Array] | None:
   """``(lora_a, lora_b)`` in ``module``'s scope when its path is a LoRA target, else None."""
   if peft is None or not peft.is_lora_target(module_path(module)):
     return None
@@ -52,7 +60,7 @@ def lora_delta(
   x: Array,
   pairs: list[tuple[int, Array, Array]],
   num_outputs: int,
-  peft: Any,
+  peft: PeftConfig,
   deterministic: bool,
   dtype: Dtype,
 ) -> Array:
@@ -61,8 +69,6 @@ def lora_delta(
   ``pairs`` holds ``(slice index, A, B)`` of the slices that have LoRA. Two matmuls serve them
   all: ``x`` times the concatenated A's, times a block matrix holding each B at its slice.
   """
-  from research.models.encoder import dropout  # encoder imports this module.
-
   rank, width = peft.lora_rank, pairs[0][2].shape[1]
   x = dropout(module, x.astype(dtype), peft.lora_dropout, deterministic)
   a = jnp.concatenate([a for _, a, _ in pairs], axis=1).astype(dtype)
@@ -85,7 +91,7 @@ class LoraDense(nn.Module):
   """
 
   features: int
-  peft: Any
+  peft: PeftConfig
   deterministic: bool = True
   kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Dtype = None
@@ -106,7 +112,9 @@ class LoraDense(nn.Module):
     return y + delta
 
 
-def dense(config: Any, features: int, name: str, deterministic: bool, **kw: Any) -> nn.Module:
+def dense(
+  config: EncoderConfig, features: int, name: str, deterministic: bool, **kw: Any
+) -> nn.Module:
   """An ``nn.Dense``, or a :class:`LoraDense` when ``config.peft`` is LoRA (call in compact)."""
   peft = config.peft
   if peft is not None and peft.method == "lora":
@@ -123,8 +131,6 @@ class Adapter(nn.Module):
 
   @nn.compact
   def __call__(self, h: Array) -> Array:
-    from research.models.encoder import dense_init, gelu_exact  # encoder imports this module.
-
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     z = nn.Dense(self.size, kernel_init=dense_init(), name="down", **kw)(h)
     z = nn.Dense(h.shape[-1], kernel_init=nn.initializers.zeros_init(), name="up", **kw)(

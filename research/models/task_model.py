@@ -59,6 +59,29 @@ class TaskModel(nn.Module):
   def task_names(self) -> tuple[str, ...]:
     return tuple(name for name, _ in self.heads)
 
+  @nn.nowrap
+  def encoder_module(self) -> Encoder:
+    """The encoder as :meth:`__call__` builds it, unbound: apply it to ``params['encoder']``.
+
+    For callers that run the encoder and one head separately (research.meta runs the encoder
+    once per episode outside an inner loop over the head), so they need not know how this
+    model sets the encoder's dtypes and remat.
+    """
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    return Encoder(self.encoder, remat=self.remat, parent=None, **kw)
+
+  @nn.nowrap
+  def head_module(self, task: str) -> Head:
+    """``task``'s head as :meth:`__call__` builds it, unbound: apply to ``params['heads'][task]``.
+
+    Raises:
+      KeyError: ``task`` has no head in this model.
+    """
+    configs = dict(self.heads)
+    if task not in configs:
+      raise KeyError(f"unknown task {task!r}; this model has heads {sorted(configs)}")
+    return Head(configs[task], self.dtype, self.param_dtype, parent=None)
+
   @nn.compact
   def __call__(
     self,

@@ -6,6 +6,9 @@ and ``ffn_adapter`` inside each encoder layer; nothing for BitFit) and ``optim.t
 rules, so the optax freeze mask leaves everything else without optimizer state. The same train
 step, checkpoints and grafting serve all methods; PEFT leaves are absent from an HF checkpoint,
 so grafting leaves them at init, and their init makes the model equal to the base model.
+The config (:class:`PeftConfig`, re-exported here) and the layers belong to the models layer
+(research.models.config, research.models.peft_layers); this module holds what reads parameter
+trees and configs: the trainable rules, parameter counts and LoRA merging.
 
 - ``lora`` (Hu et al. 2021): ``y = x W + b + dropout(x) A B * alpha / rank`` on every projection
   whose module path fully matches one of ``lora_targets``; A is kaiming-uniform, B zeros.
@@ -23,71 +26,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from research import paths
+from research.models.config import EncoderConfig, PeftConfig
 
-if TYPE_CHECKING:
-  from research.models.config import EncoderConfig
-
-METHODS = ("none", "lora", "adapters", "bitfit")
-PLACEMENTS = ("houlsby", "pfeiffer")
 LORA_LEAVES = ("lora_a", "lora_b")
-ADAPTER_MODULES = {"houlsby": ("attention_adapter", "ffn_adapter"), "pfeiffer": ("ffn_adapter",)}
 ENCODER_NORMS = r"encoder/(.*/)?(layer_norm|attention_norm|output_norm)/(scale|bias)"
-
-
-@dataclasses.dataclass(frozen=True)
-class PeftConfig:
-  """Which parameter-efficient method to use and its sizes (hashable: sits in EncoderConfig).
-
-  Attributes:
-    method: 'none' | 'lora' | 'adapters' | 'bitfit'.
-    lora_rank / lora_alpha: the update is ``A B * alpha / rank`` with A [in, rank].
-    lora_dropout: dropout on the LoRA branch's input (one mask shared by the fused q/k/v).
-    lora_targets: regexes over module paths such as ``encoder/layer_3/attention/query``.
-    adapter_size: bottleneck width of each adapter.
-    adapter_placement: 'houlsby' (after attention and FFN) or 'pfeiffer' (after FFN only).
-  """
-
-  method: str = "none"
-  lora_rank: int = 8
-  lora_alpha: float = 16.0
-  lora_dropout: float = 0.0
-  lora_targets: tuple[str, ...] = (r"encoder/layer_\d+/attention/(query|value)",)
-  adapter_size: int = 64
-  adapter_placement: str = "houlsby"
-
-  def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f"model.peft.method={self.method!r}: expected one of {METHODS}")
-    if self.adapter_placement not in PLACEMENTS:
-      raise ValueError(
-        f"model.peft.adapter_placement={self.adapter_placement!r}: expected one of {PLACEMENTS}"
-      )
-    if self.lora_rank < 1 or self.adapter_size < 1:
-      raise ValueError("model.peft: lora_rank and adapter_size must be positive")
-    if not 0.0 <= self.lora_dropout < 1.0:
-      raise ValueError(f"model.peft.lora_dropout={self.lora_dropout}: expected [0, 1)")
-    if isinstance(self.lora_targets, str):
-      raise TypeError("model.peft.lora_targets: a tuple of regexes, not one string")
-    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-    paths.compile_rules([(t, None) for t in self.lora_targets])  # Names a malformed regex.
-
-  @property
-  def lora_scale(self) -> float:
-    return self.lora_alpha / self.lora_rank
-
-  def is_lora_target(self, module_path: str) -> bool:
-    """Whether the projection at ``module_path`` gets LoRA matrices (only for method 'lora')."""
-    return self.method == "lora" and paths.match(
-      [(t, True) for t in self.lora_targets], module_path, False
-    )
-
-  @property
-  def adapter_modules(self) -> tuple[str, ...]:
-    """Names of the adapter submodules of each encoder layer (none unless method 'adapters')."""
-    return ADAPTER_MODULES[self.adapter_placement] if self.method == "adapters" else ()
 
 
 def from_config(cfg: Mapping[str, Any] | Any | None) -> PeftConfig:
