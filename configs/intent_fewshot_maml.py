@@ -29,7 +29,6 @@ parameter from a zero head. ProtoNet and fine-tuning do not meta-train.
 
 from research import config_lib
 from research.data.registry import default_data_config
-from research.meta.trainer import default_meta_config
 
 # Meta-training steps (4 episodes each) per algorithm: about the same wall time for each, as
 # measured at 5-way 1-shot on 2 CPU cores (s/step: MAML 7.7, FOMAML 4.1, Reptile 7.8, ANIL 2.3).
@@ -68,7 +67,6 @@ def get_config(arg: str | None = None):
   # 32 tokens keep 94% of BANKING77 and all but 1 of CLINC150's 22,500 utterances whole.
   data.update(max_length=32, buckets=(16, 24, 32))
   c.tasks[arg.data] = config_lib.task("classification", data, pooling="mean", dropout=0.0)
-  c.meta = default_meta_config()
   c.meta.update(
     algorithm=arg.algorithm,
     k_shot=arg.shot,

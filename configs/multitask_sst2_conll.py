@@ -34,12 +34,10 @@ def get_config(arg: str | None = None):
   c.tasks.conll03 = config_lib.ner_task("conll2003")
   # Read by research.train.multitask.settings. Every task is named in the weight dicts, so
   # the locked config takes --config.multitask.loss_weights.conll03=2.0.
-  c.multitask = dict(
+  c.multitask.update(
     sampling=arg.sampling,
-    temperature=2.0,
     weights={"sst2": 2000.0, "conll03": 1500.0},  # The single-task runs' steps.
     loss_weights={"sst2": 1.0, "conll03": 1.0},
-    block=100,
   )
   # The two single-task budgets (2000 + 1500 steps of 32) together.
   config_lib.finetune(c, steps=3500, best_metric="sst2/accuracy")

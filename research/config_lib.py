@@ -51,15 +51,26 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field a run reads, with defaults; experiment configs fill in and override."""
+  """Every field a run reads, with defaults; experiment configs fill in and override.
+
+  Each block's defaults are written once, beside the code that reads the block (``optim``,
+  ``parallel``, ``multitask``, ``meta``, the PEFT dataclass); this assembles them.
+  """
   from research import optim
+  from research.meta import algorithms as meta_algorithms
+  from research.models.config import PeftConfig
+  from research.train import multitask, parallel
 
   c = ml_collections.ConfigDict()
   c.experiment = ""
   c.program = "supervised"  # the training program: 'supervised' | 'meta' (research.train.loop)
+  # Modules imported before the run (and by predict mode, from config.json): plug-ins such as
+  # task kinds defined outside research/ that register themselves on import (on PYTHONPATH).
+  c.imports = ()
   c.seed = 0
   c.model = dict(
     checkpoint=MINILM,  # HF directory or hub id; also the tokenizer.
+    family="",  # '': the family that reads the checkpoint's config.json; or a registered name
     init="pretrained",  # 'pretrained' | 'scratch'
     dtype="auto",  # compute dtype: 'auto' (fp32 on CPU, bf16 on GPU/TPU), 'float32', ...
     param_dtype="float32",
@@ -69,18 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
     graft_rules=(("encoder/(.*)", r"encoder/\1"),),
     reinit_on_mismatch=(),
     strict_graft=False,
-    # Parameter-efficient transfer (research.transfer.peft); method 'none' trains everything.
-    peft=dict(
-      method="none",  # 'none' | 'lora' | 'adapters' | 'bitfit'
-      lora_rank=8,
-      lora_alpha=16.0,  # The LoRA update is A @ B * lora_alpha / lora_rank.
-      lora_dropout=0.0,
-      lora_targets=(r"encoder/layer_\d+/attention/(query|value)",),  # Module path regexes.
-      adapter_size=64,
-      adapter_placement="houlsby",  # 'houlsby' (after attention and FFN) | 'pfeiffer' (FFN)
-    ),
+    # Parameter-efficient transfer: research.models.config.PeftConfig's fields and defaults
+    # (method 'none' trains everything; 'lora' | 'adapters' | 'bitfit').
+    peft=dataclasses.asdict(PeftConfig()),
   )
-  c.init_from = ""  # another run's workdir or an HF checkpoint to graft from (see DESIGN.md).
+  c.init_from = ""  # another run's workdir or an HF checkpoint to graft from (docs/design.md).
   c.resume_from = ""  # another run's workdir to resume exactly (state + input position).
   c.tasks = ml_collections.ConfigDict()
   c.train = dict(
@@ -94,19 +98,14 @@ def base_config() -> ml_collections.ConfigDict:
     best_metric="",
     best_mode="max",
     nonfinite_patience=5,
-    progress=True,
+    progress=True,  # a bar on a terminal; else a plain line every progress_every_s seconds
+    progress_every_s=60.0,
   )
   c.eval = dict(batch_size=64)
   c.optim = optim.default_config()
-  c.parallel = dict(
-    mode="jit",
-    fsdp=1,
-    fsdp_rules=((".*kernel", True), (".*embedding", True)),
-    distributed=False,
-    coordinator_address="",
-    num_processes=1,
-    process_id=0,
-  )
+  c.parallel = parallel.default_config()
+  c.multitask = multitask.default_config()  # read only when config.tasks has several tasks
+  c.meta = meta_algorithms.default_config()  # read only by program='meta'
   return c
 
 

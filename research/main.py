@@ -4,8 +4,10 @@
       [--config.optim.lr=3e-5 ...]
   python -m research.main --mode=predict --workdir=DIR --input=FILE [--output=FILE]
 
-Configs are locked, so a misspelt override (``--config.optim.lrr=1``) stops the run with the
-list of valid keys at that level instead of silently adding a field.
+``config.imports`` names modules imported before training (and, from the run's config.json,
+before predicting): task kinds and other plug-ins defined outside the package, found on
+PYTHONPATH. Configs are locked, so a misspelt override (``--config.optim.lrr=1``) stops the run
+with the list of valid keys at that level instead of silently adding a field.
 """
 
 from __future__ import annotations
@@ -84,12 +86,15 @@ def main(argv: list[str]) -> None:
     print(f"wrote {out}", file=sys.stderr)
     return
   config = _CONFIG.value
+  from research.predict import import_modules
+
+  import_modules(config.imports)  # Plug-ins (task kinds, families, programs) register here.
   from research.train import parallel
 
-  parallel.maybe_initialize_distributed(config.get("parallel"))
+  parallel.maybe_initialize_distributed(config.parallel)
   # Importing a program's module registers it under its config.program name.
   from research.meta import trainer as _meta  # noqa: F401
-  from research.train import loop
+  from research.train import checkpoints, loop, workdir
   from research.train import trainer as _supervised  # noqa: F401
 
   try:
@@ -97,6 +102,9 @@ def main(argv: list[str]) -> None:
   except loop.Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(PREEMPTED_EXIT)
+  except (workdir.WorkdirBusyError, checkpoints.CheckpointCorruptError) as e:
+    print(f"error: {e}", file=sys.stderr)  # One line: the message names the path and the fix.
+    sys.exit(1)
   for task, metrics in results["eval"].items():
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     print(f"{task}: {shown}", file=sys.stderr)

@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from research import tasks
 from research.data import build_iterator, default_data_config, label_names, sources, tags, tokenize
 from research.data.builders import conll
+from research.tasks import tagging
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
+TAGGING = tasks.get("tagging").encoder  # How the tagging kind reads CoNLL data.
 
 
 def decode_words(batches, names):
@@ -26,7 +29,7 @@ def decode_words(batches, names):
 def test_align_labels_first_subword():
   # [CLS] Jean - Pierre Raff ##arin [SEP]: words 0 (3 pieces), 1 (2 pieces).
   word_ids = [None, 0, 0, 0, 1, 1, None]
-  assert tokenize.align_labels(word_ids, [3, 4]) == [-100, 3, -100, -100, 4, -100, -100]
+  assert tagging.align_labels(word_ids, [3, 4]) == [-100, 3, -100, -100, 4, -100, -100]
 
 
 def test_align_tag_schemes():
@@ -71,9 +74,9 @@ def test_align_fixture_pipeline(tmp_path, tokenizer, scheme):
     verify_checksums=False,
     tag_scheme=scheme,
   )
-  names = label_names(cfg)
+  names = label_names(cfg, TAGGING)
   assert len(names) == (9 if scheme == "iob2" else 17)
-  it = build_iterator(cfg, tokenizer, "train", batch_size=4, train=False)
+  it = build_iterator(cfg, tokenizer, "train", batch_size=4, train=False, encoder=TAGGING)
   batches = list(it)
   for b in batches:
     assert b["labels"].shape == b["input_ids"].shape
@@ -94,11 +97,11 @@ def test_align_conll2003_dev_real(shared_data, tokenizer):
   if not (shared_data / "conll2003" / "valid.txt").is_file():
     pytest.skip("conll2003 not in ./data")
   cfg = default_data_config("conll2003")  # default data_dir: prepared once, then reused
-  it = build_iterator(cfg, tokenizer, "dev", batch_size=64, train=False)
-  decoded = decode_words(it, label_names(cfg))
+  it = build_iterator(cfg, tokenizer, "dev", batch_size=64, train=False, encoder=TAGGING)
+  decoded = decode_words(it, label_names(cfg, TAGGING))
   builder = sources.get_builder(cfg)
   ref = sources.read_columns(builder, "dev", ["tokens", "ner"])
-  names = label_names(cfg)
+  names = label_names(cfg, TAGGING)
   assert len(decoded) == len(ref["ner"]) == 3250
   mismatched = [
     i for i, (got, want) in enumerate(zip(decoded, ref["ner"])) if got != [names[j] for j in want]

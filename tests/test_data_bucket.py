@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from research import tasks
 from research.data import batching, build_iterator, default_data_config, label_names
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -147,8 +148,11 @@ def test_bucket_seq2seq_fixture(tmp_path, tokenizer):
     data_dir=str(tmp_path),
     verify_checksums=False,
   )
-  assert label_names(cfg) == []
-  batches = list(build_iterator(cfg, tokenizer, "validation", batch_size=4, train=False))
+  seq2seq = tasks.get("seq2seq").encoder
+  assert label_names(cfg, seq2seq) == []
+  batches = list(
+    build_iterator(cfg, tokenizer, "validation", batch_size=4, train=False, encoder=seq2seq)
+  )
   assert len(batches) == 1
   b = batches[0]
   keys = {"input_ids", "attention_mask", "token_type_ids", "decoder_input_ids"}

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from research import tasks
 from research.data import default_data_config, label_names, sources
 from research.data.builders.common import InputError
 
@@ -50,7 +51,7 @@ def test_builder_conll_fixtures(tmp_path):
   assert split_sizes(cfg) == {"train": 9, "dev": 4}  # -DOCSTART- lines are not sentences
   cols = sources.read_columns(sources.get_builder(cfg), "train", ["tokens", "ner"])
   assert cols["tokens"][0] == ["Alice", "Smith", "visited", "Paris", "."]
-  names = label_names(cfg)
+  names = label_names(cfg, tasks.get("tagging").encoder)
   assert [names[i] for i in cols["ner"][0]] == ["B-PER", "I-PER", "O", "B-LOC", "O"]
   es = fixture_cfg("conll2002_es", tmp_path)
   assert split_sizes(es) == {"train": 4, "dev": 2}
@@ -248,6 +249,8 @@ PUBLISHED = {
   "sentiment_amazon": {"test": 1000},
   "sentiment_imdb": {"test": 1000},
   "sentiment_yelp": {"test": 1000},
+  "stsb": {"train": 5749, "validation": 1500},
+  "mrpc": {"train": 3668, "validation": 408},
 }
 
 # Label / entity counts per split, as published in data/*/README.md (which has AG News
@@ -256,6 +259,7 @@ COUNTS = {
   "sst2": ("label", {"train": [29780, 37569], "validation": [428, 444]}),
   "ag_news": ("label", {"train": [2509, 2458, 2496, 2538], "test": [1900] * 4}),
   "sentiment_yelp": ("label", {"test": [500, 500]}),
+  "mrpc": ("label", {"train": [1194, 2474], "validation": [129, 279]}),
   # B- tags per type, in label order PER, ORG, LOC, MISC.
   "conll2003": ("ner", {"train": [6600, 6321, 7140, 3438], "dev": [1842, 1341, 1837, 922]}),
   "conll2002_es": ("ner", {"train": [4321, 7390, 4913, 2173], "dev": [1222, 1700, 984, 445]}),
@@ -276,9 +280,50 @@ def test_builder_real_split_sizes(shared_data, name):
     for split, counts in want.items():
       values = sources.read_columns(builder, split, [key])[key]
       if key == "ner":
-        names = label_names(cfg)
+        names = label_names(cfg, tasks.get("tagging").encoder)
         flat = np.concatenate(values)
         got = [int(np.sum(flat == names.index(f"B-{t}"))) for t in ("PER", "ORG", "LOC", "MISC")]
       else:
         got = np.bincount(values, minlength=len(counts)).tolist()
       assert got == counts, (split, got)
+
+
+def test_builder_sentence_pair_fixtures(tmp_path):
+  stsb = fixture_cfg("stsb", tmp_path)
+  assert split_sizes(stsb) == {"train": 40, "validation": 16}
+  cols = sources.read_columns(sources.get_builder(stsb), "train", ["text", "text_pair", "label"])
+  assert cols["text"][0] == "A plane is taking off."
+  assert cols["text_pair"][0] == "An air plane is taking off."
+  assert cols["label"][:2] == pytest.approx([5.0, 3.8]) and all(
+    isinstance(x, float) for x in cols["label"]
+  )
+  assert cols["text"][30] and cols["text_pair"][30]  # a row with 2 extra columns: 6-7 read
+  assert label_names(stsb, tasks.get("regression").encoder) == []
+  mrpc = fixture_cfg("mrpc", tmp_path)
+  assert split_sizes(mrpc) == {"train": 40, "validation": 16}
+  assert label_names(mrpc) == ["not_paraphrase", "paraphrase"]
+  cols = sources.read_columns(sources.get_builder(mrpc), "train", ["text", "text_pair", "label"])
+  assert cols["label"][:2] == [1, 0] and cols["text"][0].startswith("Amrozi accused")
+
+
+@pytest.mark.parametrize(
+  "name,file,line,message",
+  [
+    ("stsb", "genre\tf\t2012\t1\t4.0\tonly one sentence\n", 1, "expected 7 to 9"),
+    ("stsb", "g\tf\t2012\t1\tfive\ta\tb\n", 1, "score 'five' is not a number"),
+    ("stsb", "g\tf\t2012\t1\t4.0\ta\tb\ng\tf\t2012\t2\t7.5\ta\tb\n", 2, "outside"),
+    ("mrpc", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n2\t1\t2\ta\tb\n", 2, "label"),
+    ("mrpc", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\t \tb\n", 2, "empty"),
+  ],
+)
+def test_builder_sentence_pairs_bad_rows(tmp_path, name, file, line, message):
+  from research.data.builders import sentence_pairs
+
+  config = next(c for c in sentence_pairs.CONFIGS if c.name == name)
+  spec = config.files["train"]
+  path = tmp_path / spec["file"]
+  path.write_text(file)
+  with pytest.raises(InputError, match=message) as e:
+    list(sentence_pairs.generate(path, spec, config))
+  assert e.value.path == str(path) and e.value.line == line
+  assert str(e.value).startswith(f"{path}:{line}:")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from research import tasks
 from research.data import build_iterator, default_data_config, label_names
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -33,7 +34,8 @@ def test_builder_catalog_glue_sst2_mock(tmp_path, tokenizer):
 def test_builder_catalog_conll2003_mock(tmp_path, tokenizer):
   """The catalog conll2003 has the same feature names and tags as our local builder."""
   cfg = default_data_config("conll2003_catalog", data_dir=str(tmp_path))
-  assert label_names(cfg) == label_names(default_data_config("conll2003"))
+  tagging = tasks.get("tagging").encoder
+  assert label_names(cfg, tagging) == label_names(default_data_config("conll2003"), tagging)
 
   def source(builder, split, **kwargs):
     del builder, split, kwargs
@@ -42,7 +44,7 @@ def test_builder_catalog_conll2003_mock(tmp_path, tokenizer):
     ] * 6
 
   with tfds.testing.mock_data(as_data_source_fn=source):
-    batch = next(build_iterator(cfg, tokenizer, "dev", batch_size=8, train=False))
-  names = label_names(cfg)
+    batch = next(build_iterator(cfg, tokenizer, "dev", batch_size=8, train=False, encoder=tagging))
+  names = label_names(cfg, tagging)
   row = batch["labels"][0]
   assert [names[i] for i in row[row >= 0]] == ["B-PER", "I-PER", "O", "B-LOC"]

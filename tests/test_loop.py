@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
-from train_util import batch_digest, load_config_module, max_abs_diff, tiny_config
+from train_util import REPO, batch_digest, load_config_module, max_abs_diff, tiny_config
 
 from research import paths
 from research.meta import trainer as meta_trainer  # noqa: F401 (registers the meta program)
+from research.subprocess_env import child_env
 from research.train import checkpoints as ckpt_lib
 from research.train import loop
+from research.train import workdir as workdir_lib
 
 
 class Interrupted(Exception):
@@ -100,7 +106,7 @@ def test_loop_resume_after_crash_equals_uninterrupted_run(name, uninterrupted, t
   full_dir, full, seen_full = uninterrupted(name)
 
   def crash(step):
-    if step == 6:  # Asked for while step 4 trains: checkpoint 4 is under way.
+    if step == 7:  # Read ahead after step 6 was logged; checkpoint 4 is the last one.
       raise Interrupted
 
   seen_crashed, seen_resumed = {}, {}
@@ -110,8 +116,10 @@ def test_loop_resume_after_crash_equals_uninterrupted_run(name, uninterrupted, t
   time.sleep(1.0)
   resumed = run(PROGRAMS[name](), tmp_path, recorder(seen_resumed))
   assert resumed["init"].startswith("resumed from") and resumed["init"].endswith("/4")
-  assert seen_crashed == {s: seen_full[s] for s in range(6)}
+  assert seen_crashed == {s: seen_full[s] for s in range(7)}
   assert seen_resumed == {s: seen_full[s] for s in range(4, 8)}  # The very same batches.
+  # metrics.jsonl holds one trajectory: the crashed run's record of step 6 was replaced.
+  assert [r["step"] for r in train_records(tmp_path)] == [2, 4, 6, 8]
   assert max_abs_diff(final_params(full_dir), final_params(tmp_path)) == 0.0
   assert resumed["eval"] == full["eval"]
 
@@ -177,3 +185,68 @@ def test_loop_nonfinite_streak_stops_naming_last_good_checkpoint(name, tmp_path)
   assert where.endswith("checkpoints/4")  # Steps 3 and 4 were skipped: step 2's params.
   assert all(np.isfinite(x).all() for x in paths.flatten(final).values())
   assert not (tmp_path / "results.json").exists()
+
+
+def test_loop_locked_workdir_fails_at_once_naming_the_holder(tmp_path):
+  holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+  (tmp_path / ".lock").write_text(json.dumps(holder))
+  with pytest.raises(
+    workdir_lib.WorkdirBusyError, match=rf"in use by another run \(pid {os.getpid()} "
+  ):
+    run(supervised(), tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # Nothing else written.
+
+
+def test_loop_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  stale = {"host": socket.gethostname(), "pid": dead.pid, "started": 0.0}
+  (tmp_path / ".lock").write_text(json.dumps(stale))
+  config = supervised()
+  config.train.steps = 2
+  assert run(config, tmp_path)["steps"] == 2
+  assert not (tmp_path / ".lock").exists()  # Released at the end.
+
+
+def test_loop_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capfd):
+  config = supervised()
+  run(config, tmp_path)  # Checkpoints 4 and 8.
+  for f in (tmp_path / "checkpoints" / "8").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"")  # A save cut short by a full disk or a kill.
+  config = supervised()
+  config.train.steps = 12
+  resumed = run(config, tmp_path)
+  assert resumed["init"].endswith("checkpoints/4") and resumed["steps"] == 12
+  assert f"checkpoint {tmp_path}/checkpoints/8 is unreadable" in capfd.readouterr().err
+  assert (tmp_path / "checkpoints_damaged" / "8").is_dir()
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+    8,
+    12,
+  ]
+
+
+def test_loop_redirected_run_prints_progress_lines_with_eta(tmp_path):
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "research.main",
+      "--config=configs/sst2_minilm.py:tiny",
+      f"--workdir={tmp_path}",
+      "--config.train.steps=6",
+      "--config.train.log_every=2",
+      "--config.train.progress=True",
+      "--config.train.progress_every_s=0",
+    ],
+    cwd=REPO,
+    env=child_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = [x for x in out.stderr.splitlines() if x.startswith("step ") and "ETA" in x]
+  # The first window (compilation) sets the rate; then one line per logged window.
+  assert [x.split(" ")[1] for x in lines] == ["4/6", "6/6"], out.stderr[-2000:]
+  assert re.search(r"examples/s, ETA \d+m\d\ds, loss \d", lines[0])

@@ -13,13 +13,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from research import paths
 from research.meta import inner
-from research.meta.algorithms import MetaLearner, Settings, cross_entropy
+from research.meta.algorithms import (
+  MetaLearner,
+  cross_entropy,
+  default_config,
+  settings_from_config,
+)
 from research.meta.steps import make_eval_step, make_meta_step, meta_gradient
 from research.models.config import EncoderConfig
 from research.models.heads import HeadConfig
@@ -121,8 +127,15 @@ def reference_maml(model, params, ep, first_order: bool):
 
 
 def learner(model, **kw):
-  base = dict(algorithm="maml", inner_steps=2, inner_lr=LR, head_init="learned")
-  return MetaLearner(model, TASK, Settings(**{**base, **kw}))
+  """A MetaLearner on ``config.meta``'s defaults with ``kw`` (Settings' field names) over them."""
+  cfg = ml_collections.ConfigDict(default_config())
+  cfg.update(algorithm="maml", inner_steps=2, inner_lr=LR, head_init="learned")
+  for key, value in kw.items():
+    if key == "finetune_steps":
+      cfg.finetune.steps = value
+    else:
+      cfg[{"remat": "remat_inner"}.get(key, key)] = value
+  return MetaLearner(model, TASK, settings_from_config(cfg))
 
 
 def max_rel(a, b) -> float:

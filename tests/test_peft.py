@@ -281,7 +281,10 @@ def test_lora_tiny_trainer_run_counts_match_analytic(tmp_path):
 
   config = tiny_config(steps=4, log_every=2, eval_every=4, checkpoint_every=0)
   config.model.peft.update(method="lora", lora_rank=2)
+  before = config.to_json()
   results = train_and_evaluate(config, str(tmp_path))
+  assert config.to_json() == before  # The run derives LoRA's trainable rules, config unchanged.
+  assert json.loads((tmp_path / "config.json").read_text())["optim"]["trainable"] == []
   saved = json.loads((tmp_path / "results.json").read_text())
   encoder = encoder_config(config.model)  # The MiniLM vocabulary, a tiny 2-layer body.
   head = 32 * 2 + 2  # heads/sst2/output: [hidden, 2 labels] + bias.

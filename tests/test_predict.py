@@ -101,7 +101,9 @@ def test_predict_tagging_spans_match_eval_mode(tmp_path):
   ]
   names = json.loads((workdir / "labels.json").read_text())["conll03"]
   data = config.tasks.conll03.data
-  it = input_pipeline.build_iterator(data, tokenizer_of(config), "dev", batch_size=8, train=False)
+  it = input_pipeline.build_iterator(
+    data, tokenizer_of(config), "dev", batch_size=8, train=False, encoder=tagging.Tagging.encoder
+  )
   model, _ = build_model(config, {"conll03": len(names)})
   params, _ = ckpt_lib.load_params(workdir, prefer="best")
   expected = []
@@ -130,3 +132,35 @@ def test_predict_from_a_multitask_run_needs_and_uses_the_task(tmp_path):
   assert set(sst2["probs"]) == set(json.loads((workdir / "labels.json").read_text())["sst2"])
   ner = json.loads(predict_file(workdir, tmp_path / "in.txt", task="conll03").read_text())
   assert ner["words"] == ner["tagged"] == 4 and len(ner["tags"]) == 4
+
+
+def test_predict_sentence_pairs_match_eval_mode_and_bad_lines_get_errors(tmp_path):
+  """STS-B (pairs, regression): a tab-separated line scores as in eval mode; a line without
+  exactly one tab, or an empty one, gets an error and the others still get their value."""
+  from research import tasks
+
+  config = load_config_module("stsb_minilm").get_config("tiny")
+  config.train.steps = 4
+  workdir = tmp_path / "run"
+  train_and_evaluate(config, str(workdir))
+  rows = (REPO / "tests/fixtures/data/stsb/sts-dev.csv").read_text().splitlines()[:3]
+  pairs = ["\t".join(row.split("\t")[5:7]) for row in rows]
+  lines = [pairs[0], "no tab in this line", "", "a\tb\tc", pairs[1], pairs[2]]
+  (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+  out = predict_file(workdir, tmp_path / "in.txt", tmp_path / "out.jsonl")
+  records = [json.loads(x) for x in out.read_text().splitlines()]
+  assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert "tab" in records[1]["error"] and "tab" in records[3]["error"]
+  assert records[2]["error"] == "empty line"
+  data = config.tasks.stsb.data
+  regression = tasks.get("regression")
+  it = input_pipeline.build_iterator(
+    data, tokenizer_of(config), "validation", batch_size=8, train=False, encoder=regression.encoder
+  )
+  batch = next(iter(it))
+  assert batch["labels"].dtype == np.float32 and batch["token_type_ids"].max() == 1
+  model, _ = build_model(config, {"stsb": 0})
+  params, _ = ckpt_lib.load_params(workdir, prefer="best")
+  values = regression.predict(apply_model(model, params, batch, "stsb"))["value"][:3]
+  got = [records[i]["value"] for i in (0, 4, 5)]
+  np.testing.assert_allclose(got, np.asarray(values), rtol=1e-5, atol=1e-5)

@@ -28,6 +28,8 @@ SMOKES = [
   ),
   ("sst2_crossdomain", "smoke", "sentiment_labelled_sentences", {"sst2": ("accuracy", "f1")}, 0),
   ("multi30k_bert2rnd", "smoke", "multi30k", {"multi30k": ("bleu",)}, 10),
+  ("stsb_minilm", "smoke", "stsb", {"stsb": ("pearson", "spearman")}, 20),
+  ("mrpc_minilm", "smoke", "mrpc", {"mrpc": ("accuracy", "f1_paraphrase")}, 20),
   ("intent_fewshot_maml", "smoke", "banking77", {"banking77": ("accuracy", "ci95")}, 2),
   (
     "multitask_sst2_conll",
@@ -45,7 +47,7 @@ def _id(smoke) -> str:
 
 
 def _run(name: str, variant: str, config, workdir) -> dict:
-  if config.get("trainer") == "meta":
+  if config.program == "meta":
     # Through the CLI on one device, as users run it: one episode per meta-batch does not
     # split over the 8 simulated devices the rest of the suite uses.
     cmd = [sys.executable, "-m", "research.main", f"--config=configs/{name}.py:{variant}"]

@@ -170,6 +170,7 @@ def test_misspelt_override_names_valid_keys(tmp_path):
 
 def test_workdir_of_another_model_fails_naming_path(tmp_path):
   train_and_evaluate(tiny_config(steps=2, checkpoint_every=2, eval_every=0), str(tmp_path))
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
   other = tiny_config(steps=4, checkpoint_every=2, eval_every=0)
   other.model.encoder_overrides = dict(
     num_layers=2, hidden_size=48, num_heads=4, intermediate_size=64
@@ -180,6 +181,8 @@ def test_workdir_of_another_model_fails_naming_path(tmp_path):
     r"checkpoint but \(48,\) in this model",
   ):
     train_and_evaluate(other, str(tmp_path))
+  # The first run's files are byte-identical: the check comes before anything is written.
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_init_from_previous_run_grafts_its_params(tmp_path, monkeypatch):

@@ -94,8 +94,9 @@ def assemble(tok: Tokenized, rows: np.ndarray, fill: int, length: int) -> dict[s
     length: the batch's bucket length ``T``.
 
   Returns:
-    ``input_ids``, ``attention_mask``, ``token_type_ids`` [B, T] and ``labels`` ([B] or [B, T])
-    as int32, ``example_mask`` [B] float32; seq2seq adds ``decoder_input_ids`` and
+    ``input_ids``, ``attention_mask``, ``token_type_ids`` [B, T] and every other ragged field
+    [B, T] as int32, the scalar fields [B] in their stored dtype (``labels``: int32 class ids,
+    float32 scores), ``example_mask`` [B] float32; with ``decoder_input_ids`` also
     ``decoder_attention_mask`` [B, T].
   """
   mask = (rows >= 0).astype(np.float32)
@@ -114,8 +115,8 @@ def assemble(tok: Tokenized, rows: np.ndarray, fill: int, length: int) -> dict[s
   if "decoder_input_ids" in tok.ragged:
     dlens = tok.ragged["decoder_input_ids"].lengths[src]
     out["decoder_attention_mask"] = (np.arange(length)[None, :] < dlens[:, None]).astype(np.int32)
-  for name, values in tok.scalars.items():
-    out[name] = values[src].astype(np.int32)
+  for name, values in tok.scalars.items():  # int32 class ids, float32 scores, ...
+    out[name] = values[src]
   if "labels" in tok.ragged:
     out["labels"][mask == 0] = tok.pad_values["labels"]
   out["example_mask"] = mask

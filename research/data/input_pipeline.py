@@ -9,14 +9,15 @@ Usage::
   state = it.get_state()                # JSON-serialisable; goes into the checkpoint
   it.set_state(state)                   # resumes with the identical next batches
 
-``data_cfg`` fields are documented in :mod:`research.data.registry`. Batches (int32 unless noted):
-
-- classification: ``input_ids``, ``attention_mask``, ``token_type_ids`` [B, T], ``labels`` [B];
-- tagging: the same with ``labels`` [B, T], ``-100`` where ignored (special tokens, later
-  subwords, padding);
-- seq2seq: ``input_ids``, ``attention_mask``, ``token_type_ids``, ``decoder_input_ids``,
-  ``decoder_attention_mask``, ``labels`` [B, T] (``-100`` on padding);
-- always ``example_mask`` [B] float32: 0 on rows that only pad the last evaluation batch.
+``data_cfg`` fields are documented in :mod:`research.data.registry`. How a split is read and
+tokenized is the task kind's: pass its encoder (``research.tasks.get(kind).encoder``, a
+:class:`~research.data.tokenize.SplitEncoder`) as ``encoder=``; the default,
+:class:`~research.data.tokenize.TextEncoder`, reads texts or text pairs with one class label
+each. Batches (int32 unless noted) hold ``input_ids``, ``attention_mask``, ``token_type_ids``
+[B, T], the encoder's fields (``labels`` [B] for text classification, float32 for scores,
+[B, T] with ``-100`` where ignored for tagging; ``decoder_input_ids``,
+``decoder_attention_mask`` for seq2seq), and always ``example_mask`` [B] float32: 0 on rows
+that only pad the last evaluation batch.
 
 ``B = batch_size // process_count``: ``batch_size`` is global and every process gets a disjoint
 slice of each global batch. ``T`` is a bucket length of ``data_cfg.buckets``. Training iterators
@@ -37,31 +38,36 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from research.data import batching, iterators, registry, sources, tags, tokenize
+from research.data import batching, iterators, registry, sources, tokenize
 
 _MEMORY_CACHE: dict[str, tokenize.Tokenized] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _source_tag_names(builder: Any, data_cfg: ml_collections.ConfigDict) -> list[str]:
-  feature = builder.info.features[data_cfg.tags_key]
-  return list(getattr(feature, "feature", feature).names)
+DEFAULT_ENCODER = tokenize.TextEncoder()
 
 
-def label_names(data_cfg: ml_collections.ConfigDict) -> list[str]:
-  """Class names (classification), tag names in ``data_cfg.tag_scheme`` (tagging), or ``[]``.
-
-  The list index is the label id used in batches; seq2seq data sets have no label names (their
-  labels are token ids). Local data sets are prepared first if needed.
-  """
+def _checked(
+  data_cfg: ml_collections.ConfigDict, encoder: tokenize.SplitEncoder | None
+) -> tokenize.SplitEncoder:
+  encoder = DEFAULT_ENCODER if encoder is None else encoder
   registry.validate(data_cfg)
-  if data_cfg.task == "seq2seq":
-    return []
+  encoder.check_data(data_cfg)
+  return encoder
+
+
+def label_names(
+  data_cfg: ml_collections.ConfigDict, encoder: tokenize.SplitEncoder | None = None
+) -> list[str]:
+  """The label names ``encoder`` reads from the data set (index = label id in batches).
+
+  Class names for text classification (the default encoder), tag names in
+  ``data_cfg.tag_scheme`` for tagging, ``[]`` where labels are not names (scores, target
+  tokens). Local data sets are prepared first if needed.
+  """
+  encoder = _checked(data_cfg, encoder)
   builder = sources.get_builder(data_cfg, prepare=data_cfg.source == "local")
-  if data_cfg.task == "classification":
-    return list(builder.info.features[data_cfg.label_key].names)
-  types = tags.entity_types(_source_tag_names(builder, data_cfg))
-  return tags.tag_names(types, data_cfg.tag_scheme)
+  return encoder.label_names(data_cfg, builder.info.features)
 
 
 def _num_examples(builder: Any, split: str) -> int:
@@ -71,7 +77,11 @@ def _num_examples(builder: Any, split: str) -> int:
 
 
 def _cache_key(
-  data_cfg: ml_collections.ConfigDict, builder: Any, split: str, tokenizer: Any
+  data_cfg: ml_collections.ConfigDict,
+  builder: Any,
+  split: str,
+  tokenizer: Any,
+  encoder: tokenize.SplitEncoder,
 ) -> str:
   meta = dict(builder.info.metadata or {})
   fields = dict(
@@ -81,16 +91,8 @@ def _cache_key(
     split=split,
     examples=_num_examples(builder, split),
     inputs=meta.get("inputs"),
-    task=data_cfg.task,
-    keys=[
-      data_cfg.text_key,
-      data_cfg.text_pair_key,
-      data_cfg.label_key,
-      data_cfg.tokens_key,
-      data_cfg.tags_key,
-      data_cfg.source_key,
-      data_cfg.target_key,
-    ],
+    encoding=encoder.encoding,
+    keys=encoder.columns(data_cfg),
     tag_scheme=data_cfg.tag_scheme,
     max_length=data_cfg.max_length,
     target_max_length=data_cfg.target_max_length,
@@ -99,57 +101,21 @@ def _cache_key(
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _tokenize_split(
-  data_cfg: ml_collections.ConfigDict, builder: Any, split: str, tokenizer: Any
-) -> tokenize.Tokenized:
-  if data_cfg.task == "classification":
-    keys = [data_cfg.text_key, data_cfg.label_key]
-    keys += [data_cfg.text_pair_key] if data_cfg.text_pair_key else []
-    cols = sources.read_columns(builder, split, keys)
-    pairs = cols[data_cfg.text_pair_key] if data_cfg.text_pair_key else None
-    texts, labels = cols[data_cfg.text_key], cols[data_cfg.label_key]
-    return tokenize.classification(tokenizer, texts, labels, data_cfg.max_length, pairs)
-  if data_cfg.task == "tagging":
-    cols = sources.read_columns(builder, split, [data_cfg.tokens_key, data_cfg.tags_key])
-    words, tag_ids = cols[data_cfg.tokens_key], cols[data_cfg.tags_key]
-    for i, (w, t) in enumerate(zip(words, tag_ids)):
-      if len(w) != len(t):
-        raise ValueError(
-          f"{builder.info.full_name}[{split}] example {i}: {len(w)} tokens but {len(t)} tags."
-        )
-    src_names = _source_tag_names(builder, data_cfg)
-    source_scheme = tags.detect_scheme(src_names)
-    if source_scheme != data_cfg.tag_scheme:
-      target = {n: i for i, n in enumerate(label_names(data_cfg))}
-      tag_ids = [
-        [
-          target[x]
-          for x in tags.convert([src_names[j] for j in t], source_scheme, data_cfg.tag_scheme)
-        ]
-        for t in tag_ids
-      ]
-    return tokenize.tagging(tokenizer, words, tag_ids, data_cfg.max_length)
-  cols = sources.read_columns(builder, split, [data_cfg.source_key, data_cfg.target_key])
-  return tokenize.seq2seq(
-    tokenizer,
-    cols[data_cfg.source_key],
-    cols[data_cfg.target_key],
-    data_cfg.max_length,
-    data_cfg.target_max_length,
-  )
-
-
 def tokenized_split(
-  data_cfg: ml_collections.ConfigDict, tokenizer: Any, split: str
+  data_cfg: ml_collections.ConfigDict,
+  tokenizer: Any,
+  split: str,
+  encoder: tokenize.SplitEncoder | None = None,
 ) -> tokenize.Tokenized:
-  """The whole ``split`` tokenized (memory and disk cached); prepares the data set if needed."""
-  registry.validate(data_cfg)
+  """The whole ``split`` tokenized by ``encoder`` (memory and disk cached); prepares the data
+  set if needed."""
+  encoder = _checked(data_cfg, encoder)
   builder = sources.get_builder(data_cfg)
   sources.check_split(builder, split)
   # Only prepared data is cached: a data set served by tfds.testing.mock_data is not on disk
   # and may differ from call to call.
   cacheable = sources.is_prepared(builder)
-  key = _cache_key(data_cfg, builder, split, tokenizer)
+  key = _cache_key(data_cfg, builder, split, tokenizer, encoder)
   with _CACHE_LOCK:
     if cacheable and key in _MEMORY_CACHE:
       return _MEMORY_CACHE[key]
@@ -158,7 +124,9 @@ def tokenized_split(
   if on_disk and path.exists():
     tok = tokenize.load(path)
   else:
-    tok = _tokenize_split(data_cfg, builder, split, tokenizer)
+    features = builder.info.features
+    columns = sources.read_columns(builder, split, encoder.columns(data_cfg))
+    tok = encoder.encode(data_cfg, tokenizer, columns, features)
     if on_disk:
       tokenize.save(tok, path)
   if len(tok) == 0:
@@ -286,6 +254,7 @@ def build_iterator(
   process_index: int = 0,
   process_count: int = 1,
   num_epochs: int | None = None,
+  encoder: tokenize.SplitEncoder | None = None,
 ) -> DataIterator:
   """A checkpointable iterator of padded numpy batches over ``split`` (see module docstring).
 
@@ -299,6 +268,8 @@ def build_iterator(
     process_index: this process (``jax.process_index()``).
     process_count: number of processes (``jax.process_count()``).
     num_epochs: training epochs, None = forever; ignored for evaluation.
+    encoder: how the task kind reads and tokenizes the split (default: texts with class
+      labels, :class:`~research.data.tokenize.TextEncoder`).
 
   Returns:
     A :class:`DataIterator`.
@@ -307,7 +278,7 @@ def build_iterator(
     ValueError: on an unknown split, inconsistent sizes, or a malformed config.
     FileNotFoundError / InputError: for missing or malformed raw files.
   """
-  tok = tokenized_split(data_cfg, tokenizer, split)
+  tok = tokenized_split(data_cfg, tokenizer, split, encoder)
   it = DataIterator(
     tok,
     batch_size=batch_size,

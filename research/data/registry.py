@@ -3,7 +3,9 @@
 Fields of ``data_cfg`` (every data set has all of them, so overrides are typo-checked):
 
 - ``name``: registry key below (used in messages and caches).
-- ``task``: ``'classification'`` | ``'tagging'`` | ``'seq2seq'``.
+- ``task``: the task kind the data set is labelled for (``'classification'``, ``'regression'``,
+  ``'tagging'``, ``'seq2seq'``, ...): informative; the kind of ``config.tasks.<name>.kind``
+  decides how a run reads the data (research.tasks), and checks the fields it needs.
 - ``source``: ``'local'`` (our tfds builders over raw files in ``data/``) or ``'catalog'`` (a
   tfds catalog data set, downloaded by tfds on a machine with internet).
 - ``tfds_name``: ``'<builder>/<config>'``, e.g. ``'local_text_classification/sst2'`` or
@@ -20,7 +22,8 @@ Fields of ``data_cfg`` (every data set has all of them, so overrides are typo-ch
 - ``tokens_key``, ``tags_key``: tagging features (a word sequence and its tag ids).
 - ``tag_scheme``: tagging target scheme, ``'iob2'`` or ``'bioes'`` (sources are converted).
 - ``source_key``, ``target_key``: seq2seq features (e.g. ``'en'``, ``'de'``).
-- ``max_length``: truncation length in tokens, special tokens included (source side for seq2seq).
+- ``max_length``: truncation length in tokens, special tokens included (source side for seq2seq;
+  both texts together for pairs).
 - ``target_max_length``: seq2seq target truncation, counting the BOS/EOS token it gets.
 - ``buckets``: sorted padded lengths; every batch is padded to the smallest bucket holding its
   longest row, so jit sees at most ``len(buckets)`` shapes (seq2seq: source and target share the
@@ -38,8 +41,6 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
-
-TASKS = ("classification", "tagging", "seq2seq")
 
 _BUCKETS = (16, 24, 32, 48, 64, 96, 128)
 
@@ -95,6 +96,17 @@ def _tagging(tfds_name: str, manual_dir: str, **kw: Any):
   )
 
 
+def _pairs(task: str, name: str):
+  return dict(
+    task=task,
+    tfds_name=f"local_sentence_pairs/{name}",
+    manual_dir=name,
+    text_pair_key="text_pair",
+    splits=dict(train="train", eval="validation"),
+    buckets=(24, 32, 48, 64, 96, 128),
+  )
+
+
 def _intents(name: str, max_length: int = 64):
   return dict(
     tfds_name=f"local_intents/{name}",
@@ -135,6 +147,9 @@ DATASETS: dict[str, dict[str, Any]] = {
     target_max_length=64,
     buckets=(16, 24, 32, 48, 64),
   ),
+  # Sentence pairs: one input of both sentences ([CLS] a [SEP] b [SEP]), bucketed on its length.
+  "stsb": _pairs("regression", "stsb"),
+  "mrpc": _pairs("classification", "mrpc"),
   "banking77": _intents("banking77"),
   "clinc150": _intents("clinc150"),
   # tfds catalog data sets (same pipeline; features named as in the catalog).
@@ -207,18 +222,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: naming the offending field.
   """
-  if cfg.task not in TASKS:
-    raise ValueError(f"data_cfg.task={cfg.task!r}; expected one of {TASKS}.")
   if cfg.source not in ("local", "catalog"):
     raise ValueError(f"data_cfg.source={cfg.source!r}; expected 'local' or 'catalog'.")
   buckets = tuple(cfg.buckets)
   if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 2:
     raise ValueError(f"data_cfg.buckets={buckets} must be strictly increasing lengths >= 2.")
-  limit = max(cfg.max_length, cfg.target_max_length if cfg.task == "seq2seq" else 0)
-  if buckets[-1] < limit:
+  check_bucket_limit(cfg, cfg.max_length, "max_length")
+
+
+def check_bucket_limit(cfg: ml_collections.ConfigDict, limit: int, field: str) -> None:
+  """Raises ValueError when the largest bucket cannot hold a row of ``limit`` tokens."""
+  if cfg.buckets[-1] < limit:
     raise ValueError(
-      f"data_cfg.buckets[-1]={buckets[-1]} is shorter than the longest allowed row ({limit}: "
-      "max_length / target_max_length); add a bucket or lower max_length."
+      f"data_cfg.buckets[-1]={cfg.buckets[-1]} is shorter than the longest allowed row ({limit}: "
+      f"{field}); add a bucket or lower {field}."
     )
-  if cfg.task == "tagging" and cfg.tag_scheme not in ("iob2", "bioes"):
-    raise ValueError(f"data_cfg.tag_scheme={cfg.tag_scheme!r}; expected 'iob2' or 'bioes'.")

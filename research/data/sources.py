@@ -164,7 +164,7 @@ def _as_str(value: Any) -> str:
 
 
 def _convert(value: Any, feature: Any) -> Any:
-  """A decoded feature value as str / int / list of those / int64 array."""
+  """A decoded feature value as str / int / float / list of those / int64 array."""
   if isinstance(feature, tfds.features.Sequence):
     inner = feature.feature
     if isinstance(inner, tfds.features.Text):
@@ -172,7 +172,8 @@ def _convert(value: Any, feature: Any) -> Any:
     return np.asarray(value, dtype=np.int64).reshape(-1)
   if isinstance(feature, tfds.features.Text):
     return _as_str(value)
-  return int(np.asarray(value).reshape(()))
+  value = np.asarray(value).reshape(())
+  return float(value) if value.dtype.kind == "f" else int(value)
 
 
 def _read_decoded(source: Any, n: int) -> list[dict[str, Any]]:
@@ -224,7 +225,8 @@ def read_columns(builder: Any, split: str, keys: Sequence[str]) -> dict[str, lis
   """The features ``keys`` of every example of ``split``, in data-source order.
 
   Returns:
-    key -> list over examples of ``str`` (Text), ``int`` (scalars, ClassLabel), ``list[str]``
+    key -> list over examples of ``str`` (Text), ``int`` (integer scalars, ClassLabel),
+    ``float`` (float scalars), ``list[str]``
     (Sequence of Text) or ``np.int64`` arrays (Sequence of ints).
 
   Raises:

@@ -6,14 +6,13 @@ before the first batch, and random access to tokenized rows makes the iterator s
 integer. Results are cached in memory and, when the data set is prepared on disk, as ``.npz``
 under ``<data_dir>/tokenized/``.
 
-- classification: ``input_ids``, ``token_type_ids`` (text or text pair), scalar ``labels``;
-- tagging: words are tokenized with ``is_split_into_words``; the word's tag goes on its first
-  subword and ``-100`` on special tokens and later subwords (ignored by loss and metrics). A word
-  that tokenizes to nothing (e.g. a lone control character) is replaced by the unknown token so
-  every word keeps its label; words past ``max_length`` are truncated and counted;
-- seq2seq: the source is encoded with the tokenizer's special tokens; the target without them,
-  then ``decoder_input_ids = [BOS] + target`` and ``labels = target + [EOS]`` (BOS/EOS: the
-  tokenizer's bos/eos, else ``[CLS]``/``[SEP]``, as in BERT2BERT warm starts).
+*How* a split is read and tokenized belongs to the task kind that trains on it (the data layer
+knows no kinds): a kind hands the pipeline a :class:`SplitEncoder` (the tagging kind aligns word
+tags to first sub-tokens, the seq2seq kind encodes targets, see ``research/tasks/``). This
+module keeps the shared pieces: :func:`texts` (single texts or text pairs, the tokenizer's pair
+encoding with token type ids and separators, one scalar label each) and :class:`TextEncoder`,
+the encoder of text data sets with one label per text or pair, which is also the default of
+:func:`research.data.build_iterator`.
 """
 
 from __future__ import annotations
@@ -22,13 +21,13 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import ml_collections
 import numpy as np
 
 # Bump when the tokenized representation changes, so stale caches are not reused.
@@ -123,160 +122,139 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
   return digest
 
 
-def _encode(tokenizer: Any, *args: Any, **kwargs: Any) -> Any:
+def run_tokenizer(tokenizer: Any, *args: Any, **kwargs: Any) -> Any:
+  """The fast tokenizer's encoding of ``args`` with token type ids, without attention masks."""
   if not getattr(tokenizer, "is_fast", False):
     raise TypeError(f"A fast tokenizer is required, got {type(tokenizer).__name__}.")
   return tokenizer(*args, return_attention_mask=False, return_token_type_ids=True, **kwargs)
 
 
-def classification(
+def texts(
   tokenizer: Any,
   texts: Sequence[str],
-  labels: Sequence[int],
   max_length: int,
   pairs: Sequence[str] | None = None,
+  labels: Sequence[Any] | None = None,
+  label_dtype: Any = np.int32,
 ) -> Tokenized:
-  """Tokenizes single texts or text pairs with their class labels."""
+  """Tokenizes single texts or text pairs (``[CLS] a [SEP] b [SEP]`` with token type ids).
+
+  Args:
+    tokenizer: a fast tokenizer.
+    texts: the first (or only) texts.
+    max_length: truncation length, special tokens included (pairs: of both texts together).
+    pairs: the second texts of pairs, or None.
+    labels: one label per text (stored as the scalar ``labels``); None stores zeros.
+    label_dtype: the dtype of the stored labels (int32 class ids, float32 scores).
+
+  Returns:
+    A :class:`Tokenized` whose length is the joint length of each row, so pairs are bucketed
+    on both texts.
+  """
   ids: list[list[int]] = []
   types: list[list[int]] = []
   for s in range(0, len(texts), _CHUNK):
     args = [list(texts[s : s + _CHUNK])]
     if pairs is not None:
       args.append(list(pairs[s : s + _CHUNK]))
-    enc = _encode(tokenizer, *args, truncation=True, max_length=max_length)
+    enc = run_tokenizer(tokenizer, *args, truncation=True, max_length=max_length)
     ids.extend(enc["input_ids"])
     types.extend(enc["token_type_ids"])
   input_ids = Ragged.from_rows(ids)
   truncated = int(np.sum(input_ids.lengths >= max_length))
+  labels = np.zeros(len(ids)) if labels is None else labels
   return Tokenized(
     ragged={"input_ids": input_ids, "token_type_ids": Ragged.from_rows(types)},
-    scalars={"labels": np.asarray(labels, dtype=np.int32)},
+    scalars={"labels": np.asarray(labels, dtype=label_dtype)},
     lengths=input_ids.lengths.astype(np.int32),
     pad_values={"input_ids": tokenizer.pad_token_id, "token_type_ids": 0, "labels": 0},
     stats={"examples": len(ids), "at_max_length": truncated},
   )
 
 
-def align_labels(word_ids: Sequence[int | None], tags: Sequence[int]) -> list[int]:
-  """Word tags on first subwords, ``-100`` on special tokens and continuation subwords."""
-  out = []
-  prev = None
-  for w in word_ids:
-    out.append(IGNORE if w is None or w == prev else int(tags[w]))
-    prev = w
-  return out
+class SplitEncoder(Protocol):
+  """How a split of a data set becomes a :class:`Tokenized` (implemented by task kinds).
+
+  Attributes:
+    encoding: names the encoding in tokenized-cache keys: two encoders with the same name must
+      produce the same arrays from the same data.
+  """
+
+  encoding: str
+
+  def check_data(self, data_cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError on ``data_cfg`` fields this encoding cannot use."""
+
+  def columns(self, data_cfg: ml_collections.ConfigDict) -> list[str]:
+    """The data set's features the encoding reads."""
+
+  def label_names(self, data_cfg: ml_collections.ConfigDict, features: Any) -> list[str]:
+    """Label names (index = label id in batches) from the data set's tfds ``features``."""
+
+  def encode(
+    self,
+    data_cfg: ml_collections.ConfigDict,
+    tokenizer: Any,
+    columns: dict[str, list[Any]],
+    features: Any,
+  ) -> Tokenized:
+    """The tokenized split from its ``columns`` (feature -> values in data order)."""
 
 
-def _missing_words(word_ids: Sequence[int | None], n_words: int, truncated: bool) -> list[int]:
-  """Words without a first subword that were not cut off by truncation."""
-  present = {w for w in word_ids if w is not None}
-  last = max(present) if present else -1
-  return [w for w in range(n_words) if w not in present and (w < last or not truncated)]
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+  """Texts (``text_key``, and ``text_pair_key`` when set) with one label each (``label_key``).
 
+  Class labels are stored as int32 ids and their names come from the ClassLabel feature; with
+  ``float_labels`` the labels are stored as float32 scores and there are no label names.
+  """
 
-def _truncated(word_ids: Sequence[int | None], n_words: int, max_length: int) -> bool:
-  """Whether truncation cut off whole words (the last word has no subword)."""
-  last = max((w for w in word_ids if w is not None), default=-1)
-  return len(word_ids) >= max_length and last < n_words - 1
+  float_labels: bool = False
 
+  @property
+  def encoding(self) -> str:
+    return "text-float32" if self.float_labels else "text-int32"
 
-def tagging(
-  tokenizer: Any,
-  words: Sequence[Sequence[str]],
-  tags: Sequence[Sequence[int]],
-  max_length: int,
-) -> Tokenized:
-  """Tokenizes pre-split words and aligns their tag ids to subwords (see module docstring)."""
-  ids: list[list[int]] = []
-  types: list[list[int]] = []
-  labels: list[list[int]] = []
-  stats = {"examples": len(words), "truncated": 0, "unk_words": 0}
-  for s in range(0, len(words), _CHUNK):
-    chunk = [list(w) for w in words[s : s + _CHUNK]]
-    kwargs = dict(is_split_into_words=True, truncation=True, max_length=max_length)
-    enc = _encode(tokenizer, chunk, **kwargs)
-    for j, sentence in enumerate(chunk):
-      row_ids, row_types, wids = enc["input_ids"][j], enc["token_type_ids"][j], enc.word_ids(j)
-      missing = _missing_words(wids, len(sentence), _truncated(wids, len(sentence), max_length))
-      if missing:  # Words that vanish (control characters...) become the unknown token.
-        stats["unk_words"] += len(missing)
-        sentence = [tokenizer.unk_token if w in missing else x for w, x in enumerate(sentence)]
-        one = _encode(tokenizer, [sentence], **kwargs)
-        row_ids, row_types, wids = one["input_ids"][0], one["token_type_ids"][0], one.word_ids(0)
-      truncated = _truncated(wids, len(sentence), max_length)
-      stats["truncated"] += int(truncated)
-      ids.append(row_ids)
-      types.append(row_types)
-      labels.append(align_labels(wids, tags[s + j]))
-  input_ids = Ragged.from_rows(ids)
-  if stats["truncated"]:
-    logging.warning(
-      "%d of %d sentences are longer than max_length=%d subwords; their last words are cut.",
-      stats["truncated"],
-      len(words),
-      max_length,
-    )
-  return Tokenized(
-    ragged={
-      "input_ids": input_ids,
-      "token_type_ids": Ragged.from_rows(types),
-      "labels": Ragged.from_rows(labels),
-    },
-    scalars={},
-    lengths=input_ids.lengths.astype(np.int32),
-    pad_values={"input_ids": tokenizer.pad_token_id, "token_type_ids": 0, "labels": IGNORE},
-    stats=stats,
-  )
+  def check_data(self, data_cfg: ml_collections.ConfigDict) -> None:
+    del data_cfg
 
+  def columns(self, data_cfg: ml_collections.ConfigDict) -> list[str]:
+    keys = [data_cfg.text_key, data_cfg.label_key]
+    return keys + ([data_cfg.text_pair_key] if data_cfg.text_pair_key else [])
 
-def seq2seq(
-  tokenizer: Any,
-  sources: Sequence[str],
-  targets: Sequence[str],
-  max_length: int,
-  target_max_length: int,
-) -> Tokenized:
-  """Tokenizes source/target pairs into encoder inputs, decoder inputs and labels."""
-  sp = special_ids(tokenizer)
-  src: list[list[int]] = []
-  types: list[list[int]] = []
-  tgt: list[list[int]] = []
-  for s in range(0, len(sources), _CHUNK):
-    enc = _encode(tokenizer, list(sources[s : s + _CHUNK]), truncation=True, max_length=max_length)
-    src.extend(enc["input_ids"])
-    types.extend(enc["token_type_ids"])
-    dec = _encode(
+  def label_names(self, data_cfg: ml_collections.ConfigDict, features: Any) -> list[str]:
+    if data_cfg.label_key not in features:
+      raise KeyError(
+        f"{data_cfg.name}: no label feature {data_cfg.label_key!r} (features: "
+        f"{sorted(features.keys())}); is this data set for another task kind?"
+      )
+    names = getattr(features[data_cfg.label_key], "names", None)
+    if self.float_labels:
+      return []
+    if names is None:
+      raise ValueError(
+        f"{data_cfg.name}: label {data_cfg.label_key!r} is not a class label (a score?); "
+        "read it with float labels (task kind 'regression')."
+      )
+    return list(names)
+
+  def encode(
+    self,
+    data_cfg: ml_collections.ConfigDict,
+    tokenizer: Any,
+    columns: dict[str, list[Any]],
+    features: Any,
+  ) -> Tokenized:
+    del features
+    pairs = columns[data_cfg.text_pair_key] if data_cfg.text_pair_key else None
+    return texts(
       tokenizer,
-      list(targets[s : s + _CHUNK]),
-      add_special_tokens=False,
-      truncation=True,
-      max_length=target_max_length - 1,
+      columns[data_cfg.text_key],
+      data_cfg.max_length,
+      pairs=pairs,
+      labels=columns[data_cfg.label_key],
+      label_dtype=np.float32 if self.float_labels else np.int32,
     )
-    tgt.extend(dec["input_ids"])
-  input_ids = Ragged.from_rows(src)
-  decoder_input_ids = Ragged.from_rows([[sp["bos"], *t] for t in tgt])
-  lengths = np.maximum(input_ids.lengths, decoder_input_ids.lengths).astype(np.int32)
-  return Tokenized(
-    ragged={
-      "input_ids": input_ids,
-      "token_type_ids": Ragged.from_rows(types),
-      "decoder_input_ids": decoder_input_ids,
-      "labels": Ragged.from_rows([[*t, sp["eos"]] for t in tgt]),
-    },
-    scalars={},
-    lengths=lengths,
-    pad_values={
-      "input_ids": sp["pad"],
-      "token_type_ids": 0,
-      "decoder_input_ids": sp["pad"],
-      "labels": IGNORE,
-    },
-    stats={
-      "examples": len(src),
-      "source_truncated": int(np.sum(input_ids.lengths >= max_length)),
-      "target_truncated": int(np.sum(decoder_input_ids.lengths >= target_max_length)),
-    },
-  )
 
 
 def save(tok: Tokenized, path: Path) -> None:

@@ -45,20 +45,20 @@ Episode = dict[str, jax.Array]
 class Settings:
   """What one meta-learning run does (static: closed over by the jitted steps)."""
 
-  algorithm: str = "maml"
-  inner: tuple[str, ...] = (".*",)
-  inner_steps: int = 5
-  inner_lr: float = 0.01
-  eval_inner_steps: int = 10
-  first_order: bool = False
-  remat: bool = False
-  episode_loop: str = "vmap"
-  hvp: str = "reverse"
-  meta_sgd: bool = False
-  head_init: str = "zeros"
-  finetune_steps: int = 20
-  finetune_lr: float = 1e-4
-  finetune_head_init: str = "zeros"
+  algorithm: str
+  inner: tuple[str, ...]
+  inner_steps: int
+  inner_lr: float
+  eval_inner_steps: int
+  first_order: bool
+  remat: bool
+  episode_loop: str
+  hvp: str
+  meta_sgd: bool
+  head_init: str
+  finetune_steps: int
+  finetune_lr: float
+  finetune_head_init: str
 
   def __post_init__(self):
     if self.algorithm not in ALGORITHMS:
@@ -82,6 +82,33 @@ class Settings:
     return all(p.startswith("heads/") for p in self.inner)
 
 
+def default_config() -> dict[str, Any]:
+  """The ``config.meta`` fields with defaults (experiment configs override); the one place
+  they are written: :func:`settings_from_config` reads every field."""
+  return dict(
+    algorithm="maml",  # maml | fomaml | anil | reptile | protonet | finetune
+    inner=(),  # path regexes that adapt in the inner loop; () = the algorithm's default
+    inner_steps=5,
+    inner_lr=0.01,
+    eval_inner_steps=10,
+    first_order=False,
+    remat_inner=False,
+    episode_loop="vmap",  # vmap | scan: the episodes of a meta-batch in parallel or in turn
+    hvp="reverse",  # reverse | forward: second-order term by autodiff, or custom-VJP HVPs
+    meta_sgd=False,
+    head_init="zeros",  # learned | zeros | proto
+    n_way=5,
+    k_shot=1,
+    q_query=5,
+    episodes_per_batch=4,
+    eval_episodes_per_batch=8,
+    valid_episodes=0,
+    test_episodes=600,
+    test_seed=1234,
+    finetune=dict(steps=20, lr=1e-4, head_init="zeros"),
+  )
+
+
 def settings_from_config(meta_cfg: Any) -> Settings:
   """:class:`Settings` from ``config.meta``; ``inner=()`` takes the algorithm's default."""
   algorithm = meta_cfg.algorithm
@@ -94,8 +121,8 @@ def settings_from_config(meta_cfg: Any) -> Settings:
     eval_inner_steps=meta_cfg.eval_inner_steps,
     first_order=algorithm in ("fomaml", "reptile") or meta_cfg.first_order,
     remat=meta_cfg.remat_inner,
-    episode_loop=meta_cfg.get("episode_loop", "vmap"),
-    hvp=meta_cfg.get("hvp", "reverse"),
+    episode_loop=meta_cfg.episode_loop,
+    hvp=meta_cfg.hvp,
     meta_sgd=meta_cfg.meta_sgd,
     head_init=meta_cfg.head_init,
     finetune_steps=meta_cfg.finetune.steps,

@@ -290,31 +290,3 @@ class MetaProgram(loop.Program):
         "test_seed": meta.test_seed,
       },
     }
-
-
-def default_meta_config() -> ml_collections.ConfigDict:
-  """The ``config.meta`` fields with defaults (experiment configs override)."""
-  return ml_collections.ConfigDict(
-    dict(
-      algorithm="maml",  # maml | fomaml | anil | reptile | protonet | finetune
-      inner=(),  # path regexes that adapt in the inner loop; () = the algorithm's default
-      inner_steps=5,
-      inner_lr=0.01,
-      eval_inner_steps=10,
-      first_order=False,
-      remat_inner=False,
-      episode_loop="vmap",  # vmap | scan: the episodes of a meta-batch in parallel or in turn
-      hvp="reverse",  # reverse | forward: second-order term by autodiff, or custom-VJP HVPs
-      meta_sgd=False,
-      head_init="zeros",  # learned | zeros | proto
-      n_way=5,
-      k_shot=1,
-      q_query=5,
-      episodes_per_batch=4,
-      eval_episodes_per_batch=8,
-      valid_episodes=0,
-      test_episodes=600,
-      test_seed=1234,
-      finetune=dict(steps=20, lr=1e-4, head_init="zeros"),
-    )
-  )

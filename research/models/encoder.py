@@ -1,9 +1,9 @@
-"""A BERT-family Transformer encoder in Flax linen.
+"""The Transformer encoder of the BERT-like family (and the base of MPNet's) in Flax linen.
 
 One implementation for BERT, RoBERTa / XLM-R, DistilBERT, ELECTRA and MiniLM: learned
 embeddings, post-LN layers, multi-head self-attention with a padding mask and an optional
 tanh pooler. Parameter names follow the paths in DESIGN.md (``encoder/layer_3/attention/query/
-kernel``); research.transfer.hf maps them to and from the HF names.
+kernel``); research.models.bert maps them to and from the HF names.
 
 Precision: ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the weights, so
 bf16 compute with fp32 master weights is ``dtype=bfloat16, param_dtype=float32``. LayerNorm
@@ -78,12 +78,17 @@ class Embeddings(nn.Module):
     return x
 
 
-def position_ids(input_ids: Array, cfg: EncoderConfig) -> Array:
-  """Positions as HF computes them: 0.. for BERT; pad+1.. skipping padding for RoBERTa."""
-  if cfg.family == "roberta":
-    not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
-    return jnp.cumsum(not_pad, axis=-1) * not_pad + cfg.pad_token_id
-  return jnp.broadcast_to(jnp.arange(input_ids.shape[-1], dtype=jnp.int32), input_ids.shape)
+def position_ids(input_ids: Array, cfg: Any) -> Array:
+  """Positions as HF computes them, from ``cfg.position_offset`` (see EncoderConfig).
+
+  0: 0, 1, 2... whatever the token (BERT). Otherwise real tokens count from the offset and
+  padding, the id ``offset - 1``, keeps ``offset - 1`` (RoBERTa: pad_token_id + 1; MPNet: 2).
+  """
+  if not cfg.position_offset:
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[-1], dtype=jnp.int32), input_ids.shape)
+  pad = cfg.position_offset - 1
+  not_pad = (input_ids != pad).astype(jnp.int32)
+  return jnp.cumsum(not_pad, axis=-1) * not_pad + pad
 
 
 class DenseParams(nn.Module):
@@ -128,8 +133,16 @@ class SelfAttention(nn.Module):
     return [y[..., i, :, :] for i in range(len(names))]
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool, kv: Array | None = None) -> Array:
-    """``mask`` is [B, 1|T, S] (1 = attend); ``kv`` switches to cross-attention."""
+  def __call__(
+    self,
+    x: Array,
+    mask: Array,
+    deterministic: bool,
+    kv: Array | None = None,
+    position_bias: Array | None = None,
+  ) -> Array:
+    """``mask`` is [B, 1|T, S] (1 = attend); ``kv`` switches to cross-attention;
+    ``position_bias`` [N, T, S] (fp32) is added to the logits (MPNet's relative positions)."""
     cfg = self.config
     if kv is None:
       q, k, v = self._project(x, ("query", "key", "value"), deterministic)
@@ -138,6 +151,8 @@ class SelfAttention(nn.Module):
       k, v = self._project(kv, ("key", "value"), deterministic)
     q = q * jnp.asarray(1.0 / math.sqrt(cfg.head_dim), q.dtype)
     logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32)
+    if position_bias is not None:
+      logits = logits + position_bias[None]
     # Additive bias: fuses into the softmax; a large finite value keeps fully padded rows finite.
     bias = jnp.where(mask.astype(bool), 0.0, jnp.float32(-1e30))
     weights = jax.nn.softmax(logits + bias[:, None, :, :], axis=-1).astype(self.dtype)
@@ -186,17 +201,26 @@ class EncoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool, first_only: bool = False) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    mask: Array,
+    deterministic: bool,
+    first_only: bool = False,
+    position_bias: Array | None = None,
+  ) -> Array:
+    """``position_bias`` [N, T, T]: added to every attention's logits (None: no bias)."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop = lambda h: dropout(self, h, cfg.hidden_dropout, deterministic)
     norm = lambda h, name: layer_norm(h, cfg.layer_norm_eps, self.dtype, self.param_dtype, name)
     attention = SelfAttention(cfg, name="attention", **kw)
     if first_only:
-      h = attention(x[:, :1], mask, deterministic, kv=x)
+      bias = None if position_bias is None else position_bias[:, :1]
+      h = attention(x[:, :1], mask, deterministic, kv=x, position_bias=bias)
       x = x[:, :1]
     else:
-      h = attention(x, mask, deterministic)
+      h = attention(x, mask, deterministic, position_bias=position_bias)
     adapters = cfg.peft.adapter_modules if cfg.peft is not None else ()
     adapt = lambda h, name: (
       peft_layers.Adapter(cfg.peft.adapter_size, name=name, **kw)(h) if name in adapters else h
@@ -213,6 +237,10 @@ class Encoder(nn.Module):
   head): the last layer then computes that position alone and ``hidden_states`` is [B,1,D],
   which saves most of a layer (its FFN, output projection and T-1 queries).
 
+  A Transformer family that differs in its embeddings or adds a bias to the attention logits
+  subclasses this and overrides :meth:`embed` and :meth:`position_bias` (research.models.mpnet);
+  the layers, the pooler and the parameter paths stay these.
+
   Attributes:
     config: the architecture.
     dtype: compute dtype; param_dtype: storage dtype of the weights.
@@ -223,6 +251,20 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+
+  @nn.nowrap
+  def embed(self, input_ids: Array, token_type_ids: Array | None, deterministic: bool) -> Array:
+    """The embedded tokens [B, T, D] (a submodule named ``embeddings``)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    return Embeddings(self.config, name="embeddings", **kw)(
+      input_ids, token_type_ids, deterministic
+    )
+
+  @nn.nowrap
+  def position_bias(self, length: int) -> Array | None:
+    """A bias [N, T, T] added to every layer's attention logits; None here."""
+    del length
+    return None
 
   @nn.compact
   def __call__(
@@ -238,12 +280,13 @@ class Encoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
-    x = Embeddings(cfg, name="embeddings", **kw)(input_ids, token_type_ids, deterministic)
+    x = self.embed(input_ids, token_type_ids, deterministic)
+    bias = self.position_bias(input_ids.shape[-1])
     mask = attention_mask[:, None, :]  # [B, 1, S]: every query sees the non-padded keys.
     layer_cls = nn.remat(EncoderLayer, static_argnums=(3, 4)) if self.remat else EncoderLayer
     for i in range(cfg.num_layers):
       last = first_token_only and i == cfg.num_layers - 1
-      x = layer_cls(cfg, name=f"layer_{i}", **kw)(x, mask, deterministic, last)
+      x = layer_cls(cfg, name=f"layer_{i}", **kw)(x, mask, deterministic, last, bias)
     pooled = None
     if cfg.use_pooler:
       pooler = peft_layers.dense(

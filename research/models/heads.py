@@ -1,14 +1,18 @@
-"""Task heads that sit on top of an encoder: sequence classification, tagging, regression.
+"""Head building blocks that sit on top of an encoder, and the spec a TaskModel holds per task.
 
-Each head reads the encoder's output dict (``hidden_states``, ``pooled``) and the attention
-mask, and returns fp32 logits. A head is described by a small hashable HeadConfig so a
-TaskModel can hold a dict of them; its parameters live at ``heads/<task name>/...``.
+Which head a task gets is its task kind's choice (``research.tasks``, a layer above this one):
+the kind hands the model a :class:`HeadSpec`, a small hashable object that makes the Flax
+module and says whether it reads only the first position. :class:`HeadConfig` / :class:`Head`
+is the stock linear head in three layouts (one vector per sequence, one number per sequence,
+one vector per token, optionally with CRF transition scores). A head reads the encoder's
+output dict (``hidden_states``, ``pooled``) and the attention mask and returns fp32 outputs;
+its parameters live at ``heads/<task name>/...``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -17,39 +21,61 @@ import jax.numpy as jnp
 from research.models.common import dense_init
 
 Array = jax.Array
-KINDS = ("classification", "tagging", "regression")
+LAYOUTS = ("sequence", "scalar", "token")
 POOLINGS = ("pooler", "cls", "mean")
+# Earlier spelling of the layouts (the kind names that used them), still accepted.
+_LEGACY_LAYOUTS = {"classification": "sequence", "regression": "scalar", "tagging": "token"}
+
+
+class HeadSpec(Protocol):
+  """What a TaskModel needs of a task's head (hashable: it is a Flax module attribute)."""
+
+  @property
+  def first_token_only(self) -> bool:
+    """Whether the head reads only position 0 (then the encoder's last layer computes it alone)."""
+
+  def module(self, dtype: Any, param_dtype: Any, **kwargs: Any) -> nn.Module:
+    """The Flax head; ``kwargs`` are Flax's ``name`` / ``parent``. Called inside the model."""
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
-  """What a head predicts.
+  """The stock linear head (a :class:`HeadSpec`).
 
   Attributes:
-    kind: 'classification' (one label per sequence), 'tagging' (one per token), 'regression'.
-    num_labels: output width (1 for regression).
-    pooling: sequence summary for classification/regression: the encoder's tanh 'pooler',
-      the 'cls' token's hidden state, or the 'mean' over non-padded tokens.
+    layout: 'sequence' (pool, then ``num_labels`` outputs per sequence), 'scalar' (pool, then
+      one number per sequence) or 'token' (``num_labels`` outputs per token).
+    num_labels: output width ('scalar': 1).
+    pooling: sequence summary for 'sequence' / 'scalar': the encoder's tanh 'pooler', the
+      'cls' token's hidden state, or the 'mean' over non-padded tokens.
     dropout: dropout before the output layer.
-    crf: tagging only: a linear-chain CRF over word positions (research.tasks.crf); the head
+    crf: 'token' only: a linear-chain CRF over word positions (research.tasks.crf); the head
       then returns its emissions together with the transition scores.
   """
 
-  kind: str = "classification"
+  layout: str = "sequence"
   num_labels: int = 2
   pooling: str = "pooler"
   dropout: float = 0.1
   crf: bool = False
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f"head kind {self.kind!r} is not one of {KINDS}")
+    object.__setattr__(self, "layout", _LEGACY_LAYOUTS.get(self.layout, self.layout))
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"head layout {self.layout!r} is not one of {LAYOUTS}")
     if self.pooling not in POOLINGS:
       raise ValueError(f"head pooling {self.pooling!r} is not one of {POOLINGS}")
-    if self.crf and self.kind != "tagging":
-      raise ValueError(f"head crf=True needs kind='tagging', not {self.kind!r}")
+    if self.crf and self.layout != "token":
+      raise ValueError(f"head crf=True needs layout='token', not {self.layout!r}")
     if self.num_labels < 1:
       raise ValueError(f"head num_labels must be >= 1, got {self.num_labels}")
+
+  @property
+  def first_token_only(self) -> bool:
+    return self.layout != "token" and self.pooling in ("pooler", "cls")
+
+  def module(self, dtype: Any, param_dtype: Any, **kwargs: Any) -> Head:
+    return Head(self, dtype, param_dtype, **kwargs)
 
 
 def pool(features: dict[str, Array | None], mask: Array, pooling: str) -> Array:
@@ -77,12 +103,12 @@ class Head(nn.Module):
     self, features: dict[str, Array | None], mask: Array, deterministic: bool = True
   ) -> Array | dict[str, Array]:
     cfg = self.config
-    if cfg.kind == "tagging":
+    if cfg.layout == "token":
       x = features["hidden_states"]
     else:
       x = pool(features, mask, cfg.pooling)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-    width = 1 if cfg.kind == "regression" else cfg.num_labels
+    width = 1 if cfg.layout == "scalar" else cfg.num_labels
     logits = nn.Dense(
       width,
       kernel_init=dense_init(),
@@ -90,7 +116,7 @@ class Head(nn.Module):
       param_dtype=self.param_dtype,
       name="output",
     )(x).astype(jnp.float32)
-    if cfg.kind == "regression":
+    if cfg.layout == "scalar":
       return logits[..., 0]
     if cfg.crf:
       k = cfg.num_labels

@@ -1,10 +1,11 @@
 r"""EncoderDecoder: a (pretrained) encoder, a Transformer decoder and LM heads.
 
 Params are ``{'encoder', 'decoder', 'heads': {task: {'bias'}}}`` in the tree conventions of
-DESIGN.md: ``encoder`` is research.models.encoder.Encoder (the same paths as TaskModel's, so the
-pretrained checkpoint grafts unchanged), ``decoder`` is research.models.decoder.Decoder, and
-each seq2seq task's head is the bias of the output layer, whose weights are tied to the
-decoder's word embeddings (source and target share the tokenizer's vocabulary).
+DESIGN.md: ``encoder`` is the encoder of the checkpoint's model family (research.models.families;
+the same module and paths as TaskModel's, so the pretrained checkpoint grafts unchanged),
+``decoder`` is research.models.decoder.Decoder, and each seq2seq task's head is the bias of
+the output layer, whose weights are tied to the decoder's word embeddings (source and target
+share the tokenizer's vocabulary).
 
 Init modes as in Rothe et al. 2020 ("Leveraging Pre-trained Checkpoints for Sequence Generation
 Tasks"), each a list of graft rules so the graft report shows what came from where:
@@ -25,9 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models import families
 from research.models.config import EncoderConfig
 from research.models.decoder import Cache, Decoder
-from research.models.encoder import Encoder
 
 Array = jax.Array
 INIT_MODES = ("rnd2rnd", "bert2rnd", "bert2bert")
@@ -114,7 +115,8 @@ class EncoderDecoder(nn.Module):
     if self.decoder_config.vocab_size != self.encoder_config.vocab_size:
       raise ValueError("encoder and decoder must share the vocabulary (one tokenizer)")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.encoder = Encoder(self.encoder_config, remat=self.remat, **kw)
+    encoder_cls = families.family_of(self.encoder_config).encoder
+    self.encoder = encoder_cls(self.encoder_config, remat=self.remat, **kw)
     self.decoder = Decoder(self.decoder_config, **kw)
     self.heads = LMHeads(self.tasks, self.decoder_config.vocab_size, self.param_dtype)
 

@@ -13,9 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.config import EncoderConfig
-from research.models.encoder import Encoder
-from research.models.heads import Head, HeadConfig
+from research.models import families
+from research.models.heads import HeadSpec
 
 Array = jax.Array
 
@@ -23,7 +22,7 @@ Array = jax.Array
 class Heads(nn.Module):
   """The named heads; a separate module so their params sit under ``heads/<name>``."""
 
-  configs: tuple[tuple[str, HeadConfig], ...]
+  configs: tuple[tuple[str, HeadSpec], ...]
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -34,7 +33,7 @@ class Heads(nn.Module):
     if unknown:
       raise KeyError(f"unknown task(s) {unknown}; this model has heads {sorted(configs)}")
     return {
-      t: Head(configs[t], self.dtype, self.param_dtype, name=t)(features, mask, deterministic)
+      t: configs[t].module(self.dtype, self.param_dtype, name=t)(features, mask, deterministic)
       for t in tasks
     }
 
@@ -42,15 +41,19 @@ class Heads(nn.Module):
 class TaskModel(nn.Module):
   """An encoder shared by task heads.
 
+  The encoder is the module of ``encoder``'s model family (research.models.families): a BERT
+  encoder for an EncoderConfig, MPNet for an MPNetConfig, the CNN for a CnnConfig.
+
   Attributes:
-    encoder: the encoder architecture.
-    heads: ``((task name, HeadConfig), ...)``; see :func:`make_task_model` for a dict form.
+    encoder: the encoder architecture (any registered family's config).
+    heads: ``((task name, HeadSpec), ...)``, the heads the tasks' kinds chose (e.g. a
+      :class:`~research.models.heads.HeadConfig`); :func:`make_task_model` takes a dict.
     dtype / param_dtype: compute and storage dtypes.
     remat: rematerialise encoder layers in the backward pass.
   """
 
-  encoder: EncoderConfig
-  heads: tuple[tuple[str, HeadConfig], ...]
+  encoder: Any
+  heads: tuple[tuple[str, HeadSpec], ...]
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
@@ -60,7 +63,7 @@ class TaskModel(nn.Module):
     return tuple(name for name, _ in self.heads)
 
   @nn.nowrap
-  def encoder_module(self) -> Encoder:
+  def encoder_module(self) -> nn.Module:
     """The encoder as :meth:`__call__` builds it, unbound: apply it to ``params['encoder']``.
 
     For callers that run the encoder and one head separately (research.meta runs the encoder
@@ -68,10 +71,11 @@ class TaskModel(nn.Module):
     model sets the encoder's dtypes and remat.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    return Encoder(self.encoder, remat=self.remat, parent=None, **kw)
+    encoder_cls = families.family_of(self.encoder).encoder
+    return encoder_cls(self.encoder, remat=self.remat, parent=None, **kw)
 
   @nn.nowrap
-  def head_module(self, task: str) -> Head:
+  def head_module(self, task: str) -> nn.Module:
     """``task``'s head as :meth:`__call__` builds it, unbound: apply to ``params['heads'][task]``.
 
     Raises:
@@ -80,7 +84,7 @@ class TaskModel(nn.Module):
     configs = dict(self.heads)
     if task not in configs:
       raise KeyError(f"unknown task {task!r}; this model has heads {sorted(configs)}")
-    return Head(configs[task], self.dtype, self.param_dtype, parent=None)
+    return configs[task].module(self.dtype, self.param_dtype, parent=None)
 
   @nn.compact
   def __call__(
@@ -99,11 +103,9 @@ class TaskModel(nn.Module):
     tasks = self.task_names if tasks is None else tuple(tasks)
     # Heads that read only position 0 let the encoder's last layer skip the other positions.
     configs = dict(self.heads)
-    first_only = all(
-      t in configs and configs[t].kind != "tagging" and configs[t].pooling in ("pooler", "cls")
-      for t in tasks
-    )
-    features = Encoder(self.encoder, remat=self.remat, name="encoder", **kw)(
+    first_only = all(t in configs and configs[t].first_token_only for t in tasks)
+    encoder_cls = families.family_of(self.encoder).encoder
+    features = encoder_cls(self.encoder, remat=self.remat, name="encoder", **kw)(
       input_ids,
       attention_mask,
       token_type_ids,
@@ -113,10 +115,8 @@ class TaskModel(nn.Module):
     return Heads(self.heads, name="heads", **kw)(features, attention_mask, tasks, deterministic)
 
 
-def make_task_model(
-  encoder: EncoderConfig, heads: Mapping[str, HeadConfig], **kwargs: Any
-) -> TaskModel:
-  """A TaskModel from a ``{task: HeadConfig}`` dict."""
+def make_task_model(encoder: Any, heads: Mapping[str, HeadSpec], **kwargs: Any) -> TaskModel:
+  """A TaskModel from a ``{task: HeadSpec}`` dict."""
   return TaskModel(encoder, tuple(heads.items()), **kwargs)
 
 

