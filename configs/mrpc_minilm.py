@@ -17,24 +17,18 @@ Reached (2-core CPU, fp32, 456 steps x 32, 12.8 min): MRPC dev F1 (paraphrase) 8
 """
 
 from research import config_lib
-from research.data.registry import default_data_config
 
 VARIANTS = ("", "smoke", "tiny", "init=scratch", "smoke,init=scratch")
 
 
 def get_config(arg: str | None = None):
-  arg = config_lib.parse_arg(arg, smoke=False, tiny=False, init="pretrained")
-  c = config_lib.base_config()
-  c.experiment = "mrpc_minilm"
-  c.model.init = arg.init
-  c.tasks.mrpc = config_lib.task(
-    "classification", default_data_config("mrpc"), pooling="mean", dropout=0.1
+  # 3,668 pairs: 4 epochs of 114 steps of 32, one evaluation per epoch.
+  return config_lib.pair_experiment(
+    arg,
+    "mrpc_minilm",
+    "classification",
+    "mrpc",
+    epochs=4,
+    batches_per_epoch=114,
+    best_metric="f1_paraphrase",
   )
-  # 3,668 pairs: 4 epochs of 114 batches of 32; evaluate once per epoch.
-  config_lib.finetune(c, steps=456, best_metric="mrpc/f1_paraphrase", every=114)
-  if arg.smoke:
-    config_lib.smoke(c)
-    c.tasks.mrpc.data.update(max_length=64, buckets=(32, 64))  # Two shapes: fewer compiles.
-  if arg.tiny:
-    config_lib.make_tiny(c, "mrpc", fixture="mrpc", steps=20)
-  return config_lib.lock(c)

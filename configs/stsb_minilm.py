@@ -17,26 +17,12 @@ Reached (2-core CPU shared with other runs, fp32, 540 steps x 32, 35 min): STS-B
 """
 
 from research import config_lib
-from research.data.registry import default_data_config
 
 VARIANTS = ("", "smoke", "tiny", "init=scratch", "smoke,init=scratch")
 
 
 def get_config(arg: str | None = None):
-  arg = config_lib.parse_arg(arg, smoke=False, tiny=False, init="pretrained")
-  c = config_lib.base_config()
-  c.experiment = "stsb_minilm"
-  c.model.init = arg.init
-  c.tasks.stsb = config_lib.task(
-    "regression", default_data_config("stsb"), pooling="mean", dropout=0.1
+  # 5,749 pairs: 3 epochs of 180 steps of 32, one evaluation per epoch.
+  return config_lib.pair_experiment(
+    arg, "stsb_minilm", "regression", "stsb", epochs=3, batches_per_epoch=180, best_metric="pearson"
   )
-  # 5,749 pairs: 3 epochs of 179 batches of 32; evaluate once per epoch.
-  config_lib.finetune(c, steps=540, best_metric="stsb/pearson", every=180)
-  if arg.smoke:
-    config_lib.smoke(c)
-    data = c.tasks.stsb.data
-    data.update(max_length=64, buckets=(32, 64))  # Two shapes: fewer compiles.
-    data.splits.eval = "validation[:256]"
-  if arg.tiny:
-    config_lib.make_tiny(c, "stsb", fixture="stsb", steps=20)
-  return config_lib.lock(c)

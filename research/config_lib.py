@@ -186,6 +186,39 @@ def ner_task(dataset: str, crf: bool = False) -> ml_collections.ConfigDict:
   return task("tagging", data, dropout=0.1, crf=crf)
 
 
+def pair_experiment(
+  arg: str | None,
+  experiment: str,
+  kind: str,
+  task_name: str,
+  epochs: int,
+  batches_per_epoch: int,
+  best_metric: str,
+) -> ml_collections.ConfigDict:
+  """A sentence-pair run (STS-B, MRPC): MiniLM as a cross-encoder, mean-pooled head, the
+  fine-tuning recipe for ``epochs`` epochs of 32, one evaluation per epoch.
+
+  ``arg`` takes the variants every pair config offers: ``smoke``, ``tiny``, ``init``.
+  """
+  from research.data.registry import default_data_config
+
+  arg = parse_arg(arg, smoke=False, tiny=False, init="pretrained")
+  c = base_config()
+  c.experiment = experiment
+  c.model.init = arg.init
+  c.tasks[task_name] = task(kind, default_data_config(task_name), pooling="mean", dropout=0.1)
+  steps = epochs * batches_per_epoch
+  finetune(c, steps=steps, best_metric=f"{task_name}/{best_metric}", every=batches_per_epoch)
+  if arg.smoke:
+    smoke(c)
+    data = c.tasks[task_name].data
+    data.update(max_length=64, buckets=(32, 64))  # Two shapes: fewer compiles.
+    data.splits.eval = f"{data.splits.eval}[:256]"
+  if arg.tiny:
+    make_tiny(c, task_name, fixture=task_name, steps=20)
+  return lock(c)
+
+
 def ner_experiment(
   arg: ml_collections.ConfigDict, experiment: str, task_name: str, dataset: str
 ) -> ml_collections.ConfigDict:

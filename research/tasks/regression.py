@@ -65,14 +65,10 @@ class Regression(TextKind):
   encoder = tokenize.TextEncoder(float_labels=True)
   layout = "scalar"
 
-  def loss(self, outputs, batch, **options):
-    return loss(outputs, batch, **options)
-
-  def predict(self, outputs, batch=None):
-    return predict(outputs, batch)
-
-  def metrics(self, predictions, gold, label_names=None):
-    return metrics(predictions, gold, label_names)
+  # The module's functions are the kind's (they are also used on their own, e.g. in tests).
+  loss = staticmethod(loss)
+  predict = staticmethod(predict)
+  metrics = staticmethod(metrics)
 
   def render(self, out, row, batch, labels, inputs):
     return {"value": float(out["value"][row])}

@@ -317,14 +317,10 @@ class Seq2Seq(TaskKind):
     overrides = config.model.get("decoder_overrides", {})
     return seq2seq.make_model(encoder, tuple(config.tasks), overrides, **model_kw)
 
-  def loss(self, outputs, batch, **options):
-    return loss(outputs, batch, **options)
-
-  def predict(self, outputs, batch=None):
-    return predict(outputs, batch)
-
-  def metrics(self, predictions, gold, label_names=None):
-    return metrics(predictions, gold, label_names)
+  # The module's functions are the kind's (they are also used on their own, e.g. in tests).
+  loss = staticmethod(loss)
+  predict = staticmethod(predict)
+  metrics = staticmethod(metrics)
 
   def make_evaluate(self, model, task, task_cfg, tokenizer):
     return make_evaluate(model, task, task_cfg, tokenizer)

@@ -293,14 +293,10 @@ class Tagging(TaskKind):
   def head(self, task_cfg, num_labels):
     return HeadConfig(layout="token", num_labels=num_labels, **dict(task_cfg.get("head", {}) or {}))
 
-  def loss(self, outputs, batch, **options):
-    return loss(outputs, batch, **options)
-
-  def predict(self, outputs, batch=None):
-    return predict(outputs, batch)
-
-  def metrics(self, predictions, gold, label_names=None):
-    return metrics(predictions, gold, label_names)
+  # The module's functions are the kind's (they are also used on their own, e.g. in tests).
+  loss = staticmethod(loss)
+  predict = staticmethod(predict)
+  metrics = staticmethod(metrics)
 
   def parse_line(self, text, data_cfg):
     return text.split()
