@@ -22,7 +22,7 @@ import optax
 from research import optim
 from research.train import checkpoints as ckpt_lib
 from research.train import parallel
-from research.train.state import TrainState, init_plan
+from research.train.state import TrainState, init_plan, model_family
 from research.transfer import graft as graft_lib
 from research.transfer import hf
 from research.transfer import peft as peft_lib
@@ -79,7 +79,9 @@ def plan_state(
     init(r), tx, jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(r), 1))
   )
   abstract = jax.eval_shape(create, rng)
-  shardings = parallel.state_shardings(abstract, mesh, config.parallel)
+  shardings = parallel.state_shardings(
+    abstract, mesh, config.parallel, default_rules=model_family(config.model).sharding_rules
+  )
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
