@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from research.models.config import HF_CONFIG_KEYS, EncoderConfig
+from research.models.config import HF_CONFIG_KEYS, EncoderConfig, hf_getter
 from research.models.encoder import Encoder
 from research.models.family import Family, leaf_names
 
@@ -80,17 +80,6 @@ BASE_PREFIXES = ("bert.", "roberta.", "electra.", "distilbert.", "model.")
 BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
-def _getter(hf: Mapping[str, Any], source: str):
-  def get(key: str, default: Any = dataclasses.MISSING) -> Any:
-    if key in hf:
-      return hf[key]
-    if default is dataclasses.MISSING:
-      raise ValueError(f"{source}: missing key {key!r} for model_type {hf.get('model_type')!r}")
-    return default
-
-  return get
-
-
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> EncoderConfig:
   """EncoderConfig from a parsed HF ``config.json`` of one of :data:`VARIANTS`.
 
@@ -100,7 +89,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> Encode
   model_type = hf.get("model_type")
   if model_type not in VARIANTS:
     raise ValueError(f"{source}: model_type {model_type!r} is not one of {sorted(VARIANTS)}")
-  variant, get = VARIANTS[model_type], _getter(hf, source)
+  variant, get = VARIANTS[model_type], hf_getter(hf, source)
   blob = json.dumps(dict(hf), sort_keys=True)
   if variant is _DISTILBERT:
     return EncoderConfig(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from research import paths
@@ -95,6 +96,21 @@ HF_CONFIG_KEYS = {
   "attention_dropout": "attention_probs_dropout_prob",
   "pad_token_id": "pad_token_id",
 }
+
+
+def hf_getter(hf: Mapping[str, Any], source: str) -> Callable[..., Any]:
+  """``get(key, default)`` over a parsed config.json: a key that is missing and has no default
+  raises, naming ``source`` and the model type."""
+
+  def get(key: str, default: Any = dataclasses.MISSING) -> Any:
+    if key in hf:
+      return hf[key]
+    if default is dataclasses.MISSING:
+      raise ValueError(f"{source}: missing key {key!r} for model_type {hf.get('model_type')!r}")
+    return default
+
+  return get
+
 
 # The sizes of every family's ``tiny()`` config (tests and smoke runs of the whole stack).
 TINY_SIZES = dict(

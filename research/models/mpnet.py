@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.models.common import dense_init
-from research.models.config import HF_CONFIG_KEYS, TINY_SIZES
+from research.models.config import HF_CONFIG_KEYS, TINY_SIZES, hf_getter
 from research.models.encoder import Encoder
 from research.models.family import Family, leaf_names
 
@@ -122,12 +122,7 @@ class MPNetConfig:
     if hf.get("model_type") != "mpnet":
       raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not 'mpnet'")
 
-    def get(key: str, default: Any = dataclasses.MISSING) -> Any:
-      if key in hf:
-        return hf[key]
-      if default is dataclasses.MISSING:
-        raise ValueError(f"{source}: missing key {key!r} for model_type 'mpnet'")
-      return default
+    get = hf_getter(hf, source)
 
     return cls(
       vocab_size=get("vocab_size"),
