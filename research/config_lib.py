@@ -25,6 +25,8 @@ from typing import Any
 
 import ml_collections
 
+from research import errors
+
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -32,14 +34,17 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """Parses ``'smoke,init=scratch,seed=3'`` into a ConfigDict over ``defaults``.
 
   A bare word sets a boolean flag of that name; ``key=value`` values are Python literals when
-  they parse as such, else strings. Unknown keys raise, naming the known ones.
+  they parse as such, else strings.
+
+  Raises:
+    research.errors.UnknownKeyError: (a KeyError) an unknown key, naming the known ones.
   """
   out = ml_collections.ConfigDict(defaults)
   for part in filter(None, (arg or "").split(",")):
     key, _, value = part.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise KeyError(f"unknown config variant {key!r}; known: {sorted(defaults)}")
+      raise errors.UnknownKeyError(f"unknown config variant {key!r}; known: {sorted(defaults)}")
     if not _:
       out[key] = True
       continue
@@ -80,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
     graft_rules=(("encoder/(.*)", r"encoder/\1"),),
     reinit_on_mismatch=(),
     strict_graft=False,
+    # Read a checkpoint's pytorch_model.bin pickle (torch.load(weights_only=True)) when it has
+    # no safetensors; off because unpickling runs code from the file: opt in for trusted files.
+    allow_pickle=False,
     # Parameter-efficient transfer: research.models.config.PeftConfig's fields and defaults
     # (method 'none' trains everything; 'lora' | 'adapters' | 'bitfit').
     peft=dataclasses.asdict(PeftConfig()),
@@ -117,14 +125,15 @@ def task(kind: str, data: ml_collections.ConfigDict, **head: Any) -> ml_collecti
 def fixture_data(name: str) -> dict[str, Any]:
   """Data fields that point a data set at its tiny committed copy under tests/fixtures/data.
 
-  Prepared into its own tfds directory so it never shadows the real data set's preparation.
+  Prepared into its own tfds directory, ``<tfds dir>/fixtures`` (``$RESEARCH_TFDS_DIR`` or
+  ``<repo>/.tfds``), so it never shadows the real data set's preparation, and so a checkout
+  that cannot be written (or a test run that wants its own copy) moves it with the variable.
   """
-  from research.data.locations import repo_root
+  from research.data.locations import repo_root, tfds_dir
 
-  root = repo_root()
   return dict(
-    manual_dir=str(root / "tests" / "fixtures" / "data" / name),
-    data_dir=str(root / ".tfds" / "fixtures"),
+    manual_dir=str(repo_root() / "tests" / "fixtures" / "data" / name),
+    data_dir=str(tfds_dir() / "fixtures"),
     verify_checksums=False,
   )
 
@@ -242,6 +251,73 @@ def ner_experiment(
   return c
 
 
+def translation_experiment(
+  arg: ml_collections.ConfigDict,
+  experiment: str,
+  model: Mapping[str, Any],
+  vocab: Mapping[str, Any],
+  steps: int,
+  warmup: int,
+  tiny_init: str = "rnd2rnd",
+) -> ml_collections.ConfigDict:
+  """A Multi30k en->de run: the protocol every model in the translation comparison shares, so
+  that the configs differ only in their model (``model``: ``config.model`` fields, set first
+  so ``tiny`` can shrink them) and source/target vocabularies (``vocab``).
+
+  Label smoothing 0.1; beam-4 and greedy decoding (alpha 0.6, 64 tokens); ``steps`` of 128
+  pairs, eval and checkpoint every 1000, best ``bleu``; AdamW (0.9, 0.98), eps 1e-9, weight
+  decay 1e-4, inverse-square-root schedule after ``warmup`` steps. ``arg`` holds the variants
+  every translation config offers: ``smoke`` (10 steps, 64 val sentences decoded greedily),
+  ``tiny`` (a random 2-layer model with a 1-layer decoder initialised as ``tiny_init``, a BPE
+  of 300, the committed fixture), ``lr``, ``seed``, ``steps``. Returns the config unlocked.
+  """
+  from research.data.registry import default_data_config
+
+  c = base_config()
+  c.experiment = experiment
+  c.seed = arg.seed
+  c.model.update(model)
+  c.tasks.multi30k = task("seq2seq", default_data_config("multi30k"))
+  c.tasks.multi30k.vocab = dict(vocab)
+  c.tasks.multi30k.loss = dict(label_smoothing=0.1)
+  c.tasks.multi30k.decode = dict(beam_sizes=(4, 1), alpha=0.6, max_length=64)
+  c.train.update(
+    steps=steps,
+    batch_size=128,
+    log_every=100,
+    eval_every=1000,
+    checkpoint_every=1000,
+    best_metric="multi30k/bleu",
+  )
+  c.optim.update(
+    lr=arg.lr,
+    b2=0.98,
+    eps=1e-9,
+    weight_decay=1e-4,
+    schedule="rsqrt",
+    warmup_steps=warmup,
+    warmup_fraction=0.0,
+  )
+  c.eval.batch_size = 128
+  if arg.smoke:
+    smoke(c, steps=10)
+    c.optim.warmup_steps = 5
+    c.tasks.multi30k.decode = dict(beam_sizes=(1,), alpha=0.6, max_length=16)
+    data = c.tasks.multi30k.data
+    data.splits.eval = f"{data.splits.eval}[:64]"  # Decoding all 1,014 took minutes.
+  if arg.tiny:
+    make_tiny(c, "multi30k", fixture="multi30k", steps=10)
+    c.model.init = tiny_init
+    c.model.decoder_overrides = {"num_layers": 1}
+    c.tasks.multi30k.vocab.update(size=300, min_frequency=1)
+    c.tasks.multi30k.data.target_max_length = 32
+    c.tasks.multi30k.decode = dict(beam_sizes=(2, 1), alpha=0.6, max_length=8)
+    c.optim.warmup_steps = 3
+  if arg.steps:
+    c.train.update(steps=arg.steps, eval_every=arg.steps, checkpoint_every=arg.steps)
+  return c
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -287,13 +363,16 @@ def check_key(config: Any, dotted: str, shown_as: str | None = None) -> None:
     config: a ConfigDict (or nested dicts).
     dotted: e.g. ``optim.lr``.
     shown_as: how the message names the override (default: ``dotted``).
+
+  Raises:
+    research.errors.UnknownKeyError: (a KeyError) naming the key and the valid ones.
   """
   node, walked = config, []
   for key in dotted.split("."):
     if not hasattr(node, "keys") or key not in node:
       where = ".".join(walked) or "<top level>"
       valid = sorted(node.keys()) if hasattr(node, "keys") else []
-      raise KeyError(
+      raise errors.UnknownKeyError(
         f"unknown config key {key!r} in {shown_as or dotted}; valid keys under {where}: {valid}"
       )
     node, walked = node[key], [*walked, key]

@@ -58,10 +58,15 @@ def default_config() -> ml_collections.ConfigDict:
   )
 
 
+SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
+
+
 def lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Warmup to ``cfg.lr`` then linear or cosine decay to 0 at ``total_steps``, or constant."""
-  warmup = cfg.warmup_steps or round(cfg.warmup_fraction * total_steps)
-  warmup = min(warmup, max(total_steps - 1, 0))
+  """Warmup to ``cfg.lr``, then linear or cosine decay to 0 at ``total_steps``, constant, or
+  ``rsqrt``: the Transformer's inverse square root, ``lr * sqrt(warmup / step)`` after the
+  warmup (Vaswani et al. 2017 with the peak set by ``lr``), which needs a warmup."""
+  configured = cfg.warmup_steps or round(cfg.warmup_fraction * total_steps)
+  warmup = min(configured, max(total_steps - 1, 0))
   decay_steps = max(total_steps - warmup, 1)
   if cfg.schedule == "constant":
     decay = optax.constant_schedule(cfg.lr)
@@ -69,8 +74,14 @@ def lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sched
     decay = optax.linear_schedule(cfg.lr, 0.0, decay_steps)
   elif cfg.schedule == "cosine":
     decay = optax.cosine_decay_schedule(cfg.lr, decay_steps)
+  elif cfg.schedule == "rsqrt":
+    if configured == 0:
+      raise ValueError("optim.schedule='rsqrt' needs a warmup (warmup_steps or warmup_fraction)")
+    # join_schedules passes the steps since the warmup ended: lr * sqrt(w / (w + t)).
+    w, peak = max(warmup, 1), float(cfg.lr)
+    decay = lambda t: peak * jnp.sqrt(w / (w + jnp.asarray(t, jnp.float32)))
   else:
-    raise ValueError(f"optim.schedule={cfg.schedule!r}: expected constant, linear or cosine")
+    raise ValueError(f"optim.schedule={cfg.schedule!r}: expected one of {SCHEDULES}")
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])

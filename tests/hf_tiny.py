@@ -1,6 +1,8 @@
 """Tiny random HF checkpoints made with transformers itself (no download), for parity tests."""
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +51,25 @@ def make_checkpoint(model_type: str, directory: Path, seed: int = 0) -> Path:
   torch.manual_seed(seed)
   model = transformers.AutoModel.from_config(tiny_config(model_type)).eval()
   model.save_pretrained(directory)
+  return directory
+
+
+def llama_checkpoint(
+  sizes: Mapping[str, Any], tokenizer_dir: Path, directory: Path, seed: int = 0
+) -> Path:
+  """Saves a random ``LlamaForCausalLM`` of ``sizes`` to ``directory`` beside the tokenizer files
+  of ``tokenizer_dir``: a decoder checkpoint a config can name (``checkpoint=``), model and
+  tokenizer both, without a download."""
+  import torch
+  import transformers
+
+  from research.transfer import hf
+
+  torch.manual_seed(seed)
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes)).save_pretrained(directory)
+  for name in hf.TOKENIZER_FILES:
+    if (tokenizer_dir / name).is_file():
+      (directory / name).write_bytes((tokenizer_dir / name).read_bytes())
   return directory
 
 

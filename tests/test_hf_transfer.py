@@ -150,9 +150,9 @@ def test_truncated_safetensors(tmp_path):
 def test_unknown_model_type(tmp_path):
   directory = make_checkpoint("bert", tmp_path / "m")
   cfg = json.loads((directory / "config.json").read_text())
-  cfg["model_type"] = "gpt2"
+  cfg["model_type"] = "t5"
   (directory / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(hf.CheckpointError, match=r"config\.json: unknown model_type 'gpt2'"):
+  with pytest.raises(hf.CheckpointError, match=r"config\.json: unknown model_type 't5'"):
     hf.load_pretrained(directory)
 
 

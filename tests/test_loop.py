@@ -208,6 +208,27 @@ def test_loop_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
   assert not (tmp_path / ".lock").exists()  # Released at the end.
 
 
+def test_lock_is_never_seen_empty_and_its_claim_file_is_removed(tmp_path):
+  with workdir_lib.locked(tmp_path):
+    holder = json.loads((tmp_path / ".lock").read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_record_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+  from research.train.metrics import MetricWriter
+
+  whole = [{"step": 1, "split": "train", "loss": 0.5}, {"step": 2, "split": "train", "loss": 0.4}]
+  text = "".join(json.dumps(r) + "\n" for r in whole) + '{"step": 3, "split": "tr'
+  (tmp_path / "metrics.jsonl").write_text(text)
+  writer = MetricWriter(tmp_path, total_steps=4, initial_step=2, progress=False)
+  writer.drop_after(2)
+  writer.close()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(x) for x in lines] == whole
+
+
 def test_loop_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capfd):
   config = supervised()
   run(config, tmp_path)  # Checkpoints 4 and 8.

@@ -151,3 +151,19 @@ def test_frozen_leaves_untouched_by_weight_decay(params):
   for p, x in paths.flatten(new).items():
     if p.startswith("encoder/"):
       np.testing.assert_array_equal(x, paths.flatten(params)[p], err_msg=p)
+
+
+def test_rsqrt_schedule_warms_up_then_decays_as_the_inverse_square_root():
+  """The Transformer schedule (Multi30k baseline): linear warmup to lr, then lr*sqrt(w/step)."""
+  cfg = sgd_config(lr=1e-3, schedule="rsqrt", warmup_steps=100)
+  sched = optim.lr_schedule(cfg, total_steps=10_000)
+  np.testing.assert_allclose(float(sched(50)), 5e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(100)), 1e-3, rtol=1e-6)  # The peak is optim.lr.
+  for step in (400, 2500, 9999):
+    np.testing.assert_allclose(float(sched(step)), 1e-3 * np.sqrt(100 / step), rtol=1e-5)
+  assert float(sched(10**6)) > 0  # Never decays to zero, unlike linear / cosine.
+  with pytest.raises(ValueError, match="needs a warmup"):
+    optim.lr_schedule(sgd_config(schedule="rsqrt"), total_steps=100)
+  assert float(optim.lr_schedule(cfg, total_steps=1)(0)) == pytest.approx(1e-3)  # Eval only.
+  with pytest.raises(ValueError, match="rsqrt"):
+    optim.lr_schedule(sgd_config(schedule="noam"), total_steps=100)

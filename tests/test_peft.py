@@ -37,8 +37,8 @@ METHODS = {
 }
 
 
-def batch() -> dict:
-  ids, mask = padded_batch(0, vocab=TINY.vocab_size)
+def batch(vocab: int = TINY.vocab_size) -> dict:
+  ids, mask = padded_batch(0, vocab=vocab)
   return {
     "input_ids": ids,
     "attention_mask": mask,
@@ -76,8 +76,8 @@ def redraw(params, pattern: str, scale: float = 0.1, seed: int = 1):
   )
 
 
-def logits(model, params, tasks):
-  b = batch()
+def logits(model, params, tasks, vocab: int = TINY.vocab_size):
+  b = batch(vocab)
   apply = jax.jit(model.apply, static_argnames="tasks")
   out = apply({"params": params}, b["input_ids"], b["attention_mask"], tasks=tasks)
   return {t: np.asarray(v) for t, v in out.items()}
@@ -134,14 +134,14 @@ def test_adapter_paths_follow_the_placement(placement):
 # --- what trains --------------------------------------------------------------------------
 
 
-def train(model, params, rules, steps=3):
+def train(model, params, rules, steps=3, vocab=TINY.vocab_size):
   cfg = optim.default_config()
   cfg.update(trainable=rules, lr=1e-2, warmup_fraction=0.0, schedule="constant")
   tx, summary = optim.build(cfg, params, steps)
   state = TrainState.create(params, tx, jax.random.key_data(jax.random.key(1)))
   step = jax.jit(make_train_step(model, "cls", "classification"))
   for _ in range(steps):
-    state, metrics = step(state, batch())
+    state, metrics = step(state, batch(vocab))
   assert np.isfinite(float(metrics["loss"]))
   labels = optim.freeze_labels(cfg, params)
   return state, summary, optim.count_params(params, labels)
@@ -294,3 +294,78 @@ def test_lora_tiny_trainer_run_counts_match_analytic(tmp_path):
   summary = (tmp_path / "optim_summary.txt").read_text().splitlines()[-1]
   assert summary.endswith(f"{expected:,} trainable")
   assert "sst2" in saved["eval"]
+
+
+# --- LoRA on the decoder-only families ----------------------------------------------------
+
+DECODER_TARGETS = {  # Every projection of the family: attention and MLP.
+  "gpt2": (r"encoder/layer_\d+/attention/(qkv|output)", r"encoder/layer_\d+/ffn/.*"),
+  "llama": (r"encoder/layer_\d+/attention/.*", r"encoder/layer_\d+/ffn/(gate|up|down)"),
+  "qwen2": (r"encoder/layer_\d+/attention/(query|key|value|output)", r"encoder/layer_1/ffn/up"),
+  "gemma": (r"encoder/layer_\d+/attention/(query|value)",),  # The default q/v targets.
+}
+DECODER_HEADS = {"cls": HeadConfig(num_labels=3, pooling="last", dropout=0.0)}
+
+
+def decoder(family: str, peft_cfg):
+  from research.models import families
+
+  cfg = families.family_named(family).tiny(hidden_dropout=0.0, attention_dropout=0.0)
+  model = make_task_model(cfg.replace(peft=peft_cfg), DECODER_HEADS)
+  return cfg, model, init_params(model, jax.random.key(0))
+
+
+@pytest.mark.parametrize("family", list(DECODER_TARGETS))
+def test_lora_on_decoder_family_starts_as_base_and_trains_only_lora(family):
+  """gpt2 / llama / qwen2 / gemma: LoRA beside exactly the targeted projections, the first
+  forward bitwise the base model's (B = 0), then only A, B and the head move."""
+  cfg_peft = peft.PeftConfig("lora", lora_rank=4, lora_targets=DECODER_TARGETS[family])
+  cfg, model, params = decoder(family, cfg_peft)
+  base_model = make_task_model(cfg, DECODER_HEADS)
+  targets = peft.lora_modules(cfg, cfg_peft)
+  flat = paths.flatten(params)
+  assert sorted({p.rsplit("/", 1)[0] for p in peft_leaves(params)}) == sorted(targets)
+  for module, (n_in, n_out) in targets.items():
+    assert flat[f"{module}/lora_a"].shape == (n_in, 4) and np.any(flat[f"{module}/lora_a"])
+    assert flat[f"{module}/lora_b"].shape == (4, n_out) and not np.any(flat[f"{module}/lora_b"])
+  vocab = cfg.vocab_size
+  ours = logits(model, params, ("cls",), vocab)["cls"]
+  plain = logits(base_model, strip_peft(params), ("cls",), vocab)["cls"]
+  # B = 0 adds an exact zero; XLA may fuse the sum differently from the plain matmul (~1e-8).
+  np.testing.assert_allclose(ours, plain, rtol=0, atol=1e-6)
+
+  params = redraw(params, ".*lora_b", scale=0.01)  # Nonzero B, so the gradient reaches A too.
+  state, _, counts = train(model, params, peft.trainable_rules(cfg_peft, ["cls"]), vocab=vocab)
+  before, after = paths.flatten(params), paths.flatten(state.params)
+  for p, x in before.items():
+    if "/lora_" in p or p.startswith("heads/cls/"):
+      assert np.any(np.asarray(after[p]) != np.asarray(x)), f"{p} did not move"
+    else:
+      np.testing.assert_array_equal(after[p], x, err_msg=f"{p} is frozen but moved")
+  heads = optim.count_params(params["heads"]["cls"])["total"]
+  assert counts["trainable"] == peft.analytic_trainable_count(cfg, cfg_peft, heads)
+
+
+def test_lora_merge_on_llama_equals_unmerged():
+  cfg_peft = peft.PeftConfig("lora", lora_rank=4, lora_targets=DECODER_TARGETS["llama"])
+  cfg, model, params = decoder("llama", cfg_peft)
+  params = redraw(redraw(params, ".*lora_b"), ".*lora_a", seed=2)
+  merged = peft.merge_lora(params, cfg_peft)
+  base = make_task_model(cfg, DECODER_HEADS)
+  ours = logits(model, params, ("cls",), cfg.vocab_size)["cls"]
+  theirs = logits(base, merged, ("cls",), cfg.vocab_size)["cls"]
+  plain = logits(base, strip_peft(params), ("cls",), cfg.vocab_size)["cls"]
+  assert np.max(np.abs(ours - theirs)) < 1e-5 and np.max(np.abs(ours - plain)) > 1e-3
+
+
+def test_peft_errors_on_gpt2_name_its_projections_and_refuse_adapters():
+  from research.models import families
+
+  cfg = families.family_named("gpt2").tiny()
+  with pytest.raises(ValueError, match=r"match no projection.*encoder/layer_N/attention/qkv"):
+    peft.lora_modules(cfg, peft.PeftConfig("lora"))  # Default q/v targets: GPT-2 fuses them.
+  with pytest.raises(ValueError, match="'adapters' is not implemented for the gpt2 family"):
+    cfg.replace(peft=peft.PeftConfig("adapters"))
+  llama = families.family_named("llama").tiny()
+  with pytest.raises(ValueError, match="'adapters' is not implemented for the llama family"):
+    llama.replace(peft=peft.PeftConfig("adapters"))

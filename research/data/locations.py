@@ -1,8 +1,8 @@
 """Where data lives: the read-only root of raw data sets and the writable tfds data_dir.
 
 - Raw files (``RESEARCH_DATA_DIR``, default ``<repo>/data``): one folder per data set, as
-  described in ``data/README.md``. They are the *manual_dir* inputs of our tfds builders and are
-  never written to.
+  described in ``docs/data.md``, put there by ``python -m research.data.download NAME``. They
+  are the *manual_dir* inputs of our tfds builders, which never write to them.
 - Prepared tfds data (``RESEARCH_TFDS_DIR``, default ``<repo>/.tfds``): ArrayRecord files written
   by ``download_and_prepare``. It must be writable; preparing twice reuses what is there.
 

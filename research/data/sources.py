@@ -14,7 +14,8 @@ import fcntl
 import hashlib
 import importlib
 import json
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from research import errors
 from research.data import builders, locations, registry
 from research.data.builders import common
 
@@ -112,6 +114,16 @@ def _catalog_builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBu
   )
 
 
+def _bars_only_on_a_terminal() -> None:
+  """Turns tfds' progress bars off unless stderr is a terminal.
+
+  They redraw with carriage returns and cursor moves and end without a newline: in a log file
+  (SLURM, a test's captured stderr) they garble the lines printed after them.
+  """
+  if not sys.stderr.isatty():
+    tfds.disable_progress_bar()
+
+
 def get_builder(data_cfg: ml_collections.ConfigDict, prepare: bool = True) -> Any:
   """The tfds builder of ``data_cfg``, prepared (once, under a file lock) unless ``prepare=False``.
 
@@ -126,6 +138,7 @@ def get_builder(data_cfg: ml_collections.ConfigDict, prepare: bool = True) -> An
       manual_dir = locations.resolve_manual_dir(data_cfg.manual_dir)
       with _file_lock(Path(builder.data_dir).parent / ".prepare.lock"):
         if not is_prepared(builder):
+          _bars_only_on_a_terminal()
           builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
           )
@@ -133,6 +146,7 @@ def get_builder(data_cfg: ml_collections.ConfigDict, prepare: bool = True) -> An
   builder = _catalog_builder(data_cfg)
   if prepare and data_cfg.download and not is_prepared(builder):
     with _file_lock(data_dir(data_cfg) / f".{builder.name}.prepare.lock"):
+      _bars_only_on_a_terminal()
       builder.download_and_prepare(file_format="array_record")
   return builder
 
@@ -143,15 +157,59 @@ def split_name(split: str) -> str:
 
 
 def check_split(builder: Any, split: str) -> None:
-  """Raises a ValueError naming the available splits when ``split`` is not one of them.
+  """Raises a UsageError (a ValueError) naming the available splits when ``split`` is not one.
 
   tfds slices (``'dev[:256]'``, ``'train[:10%]'``) of an available split are accepted.
   """
   available = list(builder.info.splits.keys())
   if available and split_name(split) not in available:
-    raise ValueError(
+    raise errors.UsageError(
       f"{builder.info.full_name} has no split {split!r}; available: {sorted(available)} "
       "(splits absent from the raw files are not produced)."
+    )
+
+
+def check_splits(data_cfg: ml_collections.ConfigDict, splits: Mapping[str, str]) -> None:
+  """Raises unless the data set has every split in ``splits``, before a run reads any of them.
+
+  A trainer reads its eval split only at the first evaluation; checked there, a typo would cost
+  the steps before it.
+
+  Args:
+    data_cfg: the data set's config (local sets are prepared if needed, as training would).
+    splits: the config key that names each split (for the message, e.g.
+      ``tasks.sst2.data.splits.eval``) -> the split (tfds slices allowed).
+
+  Raises:
+    research.errors.UsageError: a split the data set does not define (``dev`` for
+      ``validation``), naming the key and the splits there are.
+    research.errors.RunError: a split the data set defines but whose raw file is missing from
+      the manual dir (e.g. no ``dev.tsv``), naming the file.
+    FileNotFoundError, research.data.builders.common.InputError: see :func:`get_builder`.
+  """
+  builder = get_builder(data_cfg, prepare=data_cfg.source == "local")
+  available = sorted(builder.info.splits.keys())
+  if not available:  # A catalog set not downloaded yet: its splits are known once it is.
+    return
+  files = getattr(builder.builder_config, "files", None) or {}
+  for key, split in splits.items():
+    name = split_name(split)
+    if name in available:
+      continue
+    if data_cfg.source == "local" and name in files:
+      manual_dir = locations.resolve_manual_dir(data_cfg.manual_dir)
+      missing = [
+        str(manual_dir / f)
+        for f in common.file_names(files[name])
+        if not (manual_dir / f).is_file()
+      ]
+      raise errors.RunError(
+        f"{key}={split!r}: the {data_cfg.name} split {name!r} is read from "
+        f"{', '.join(missing)}, which is missing; put the file there or choose a split that "
+        f"exists: {available}"
+      )
+    raise errors.UsageError(
+      f"{key}={split!r}: {data_cfg.name} has no split {name!r}; available: {available}"
     )
 
 

@@ -2,7 +2,7 @@
 
 One implementation for BERT, RoBERTa / XLM-R, DistilBERT, ELECTRA and MiniLM: learned
 embeddings, post-LN layers, multi-head self-attention with a padding mask and an optional
-tanh pooler. Parameter names follow the paths in DESIGN.md (``encoder/layer_3/attention/query/
+tanh pooler. Parameter names follow the paths in docs/design.md (``encoder/layer_3/attention/query/
 kernel``); research.models.bert maps them to and from the HF names.
 
 Precision: ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the weights, so

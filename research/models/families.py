@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from research.models import bert, cnn, mpnet
+from research.models.decoder_only import gpt2, llama
 from research.models.family import Family
 
 _BY_NAME: dict[str, Family] = {}
@@ -91,5 +92,5 @@ def family_of(config: Any) -> Family:
   return family
 
 
-for _family in (bert.FAMILY, mpnet.FAMILY, cnn.FAMILY):
+for _family in (bert.FAMILY, mpnet.FAMILY, cnn.FAMILY, gpt2.FAMILY, *llama.FAMILIES):
   register_family(_family)

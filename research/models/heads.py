@@ -22,7 +22,7 @@ from research.models.common import dense_init
 
 Array = jax.Array
 LAYOUTS = ("sequence", "scalar", "token")
-POOLINGS = ("pooler", "cls", "mean")
+POOLINGS = ("pooler", "cls", "mean", "last")
 # Earlier spelling of the layouts (the kind names that used them), still accepted.
 _LEGACY_LAYOUTS = {"classification": "sequence", "regression": "scalar", "tagging": "token"}
 
@@ -47,7 +47,9 @@ class HeadConfig:
       one number per sequence) or 'token' (``num_labels`` outputs per token).
     num_labels: output width ('scalar': 1).
     pooling: sequence summary for 'sequence' / 'scalar': the encoder's tanh 'pooler', the
-      'cls' token's hidden state, or the 'mean' over non-padded tokens.
+      'cls' token's hidden state, the 'mean' over non-padded tokens, or the 'last' non-padded
+      token's hidden state (what a causal decoder has seen the whole text at; either padding
+      side, as transformers' *ForSequenceClassification picks it).
     dropout: dropout before the output layer.
     crf: 'token' only: a linear-chain CRF over word positions (research.tasks.crf); the head
       then returns its emissions together with the transition scores.
@@ -83,10 +85,16 @@ def pool(features: dict[str, Array | None], mask: Array, pooling: str) -> Array:
   hidden = features["hidden_states"]
   if pooling == "pooler":
     if features.get("pooled") is None:
-      raise ValueError("pooling='pooler' needs an encoder with a pooler; use 'cls' or 'mean'")
+      raise ValueError(
+        "pooling='pooler' needs an encoder with a pooler; use 'cls', 'mean' or 'last'"
+      )
     return features["pooled"]
   if pooling == "cls":
     return hidden[:, 0]
+  if pooling == "last":  # The largest unmasked index, as transformers: argmax(index * mask).
+    steps = jnp.arange(hidden.shape[1], dtype=jnp.int32)
+    last = jnp.argmax(steps * (mask > 0), axis=-1)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
   m = mask[..., None].astype(hidden.dtype)
   return jnp.sum(hidden * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
 

@@ -1,11 +1,14 @@
 r"""EncoderDecoder: a (pretrained) encoder, a Transformer decoder and LM heads.
 
 Params are ``{'encoder', 'decoder', 'heads': {task: {'bias'}}}`` in the tree conventions of
-DESIGN.md: ``encoder`` is the encoder of the checkpoint's model family (research.models.families;
-the same module and paths as TaskModel's, so the pretrained checkpoint grafts unchanged),
+docs/design.md: ``encoder`` is the encoder of the checkpoint's model family
+(research.models.families; the same module and paths as TaskModel's, so the pretrained
+checkpoint grafts unchanged),
 ``decoder`` is research.models.decoder.Decoder, and each seq2seq task's head is the bias of
-the output layer, whose weights are tied to the decoder's word embeddings (source and target
-share the tokenizer's vocabulary).
+the output layer, whose weights are tied to the decoder's word embeddings. The decoder's
+vocabulary is the target vocabulary: the encoder's own (one tokenizer for both sides), or
+another one (a cased target vocabulary trained on the data, research.tasks.seq2seq_text), in
+which case the two embedding tables simply differ in size.
 
 Init modes as in Rothe et al. 2020 ("Leveraging Pre-trained Checkpoints for Sequence Generation
 Tasks"), each a list of graft rules so the graft report shows what came from where:
@@ -14,7 +17,8 @@ Tasks"), each a list of graft rules so the graft report shows what came from whe
 - ``bert2rnd``: the encoder from the checkpoint, the decoder and heads at init;
 - ``bert2bert``: also the decoder's embeddings, self-attention and feed-forward blocks from
   the encoder's (decoder layer i from encoder layer i); cross-attention and its LayerNorm stay
-  at init, as in the paper.
+  at init, as in the paper. Copying the word embeddings needs the encoder's vocabulary on the
+  target side.
 """
 
 from __future__ import annotations
@@ -90,8 +94,8 @@ class EncoderDecoder(nn.Module):
   """Encoder, decoder and LM heads; ``__call__`` is teacher forcing, the rest is decoding.
 
   Attributes:
-    encoder_config / decoder_config: the two architectures (the decoder's vocabulary is the
-      encoder's: one tokenizer for source and target).
+    encoder_config / decoder_config: the two architectures; ``decoder_config.vocab_size`` is
+      the target vocabulary's (the encoder's, or a separate one).
     tasks: names of the seq2seq tasks (one LM head each).
     dtype / param_dtype: compute and storage dtypes.
     remat: rematerialise encoder layers in the backward pass.
@@ -112,8 +116,6 @@ class EncoderDecoder(nn.Module):
     return self.tasks
 
   def setup(self):
-    if self.decoder_config.vocab_size != self.encoder_config.vocab_size:
-      raise ValueError("encoder and decoder must share the vocabulary (one tokenizer)")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     encoder_cls = families.family_of(self.encoder_config).encoder
     self.encoder = encoder_cls(self.encoder_config, remat=self.remat, **kw)
@@ -133,13 +135,14 @@ class EncoderDecoder(nn.Module):
   ) -> dict[str, Array]:
     """``{task: logits [B, T, V]}`` of the targets given ``decoder_input_ids`` (teacher forcing).
 
-    Without ``decoder_input_ids`` the source ids stand in (what ``init`` needs).
+    Without ``decoder_input_ids`` a target of zeros as long as the source stands in (what
+    ``init`` needs; source ids could lie outside a smaller target vocabulary).
     """
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     memory = self.encode(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
     if decoder_input_ids is None:
-      decoder_input_ids, decoder_attention_mask = input_ids, attention_mask
+      decoder_input_ids, decoder_attention_mask = jnp.zeros_like(input_ids), attention_mask
     hidden = self.decoder(
       decoder_input_ids, memory, attention_mask, decoder_attention_mask, deterministic
     )
@@ -189,7 +192,8 @@ def make_model(
   decoder_overrides: dict[str, Any] | None = None,
   **kwargs: Any,
 ) -> EncoderDecoder:
-  """An EncoderDecoder whose decoder is the encoder's architecture with ``decoder_overrides``.
+  """An EncoderDecoder whose decoder is the encoder's architecture with ``decoder_overrides``
+  (``vocab_size`` there gives the decoder a target vocabulary of its own).
 
   The encoder's pooler is dropped (nothing reads it); its checkpoint weights then show up as
   'unused in source' in the graft report.

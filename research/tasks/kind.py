@@ -14,6 +14,7 @@ regression, and kinds written outside the package).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
@@ -49,6 +50,30 @@ class TaskKind:
   def label_names(self, data_cfg: ml_collections.ConfigDict) -> list[str]:
     """Label names of the data set as this kind reads it (``[]`` when labels are not names)."""
     return input_pipeline.label_names(data_cfg, self.encoder)
+
+  def tokenizer(
+    self,
+    config: ml_collections.ConfigDict,
+    task: str,
+    pretrained: Any,
+    workdir: str | Path | None = None,
+    build: bool = True,
+  ) -> Any:
+    """The tokenizer that task ``task``'s data, evaluation and predict mode go through.
+
+    Default: ``pretrained``, the checkpoint's. A kind with a vocabulary of its own returns an
+    object its own functions read (seq2seq: a cased target vocabulary trained on the data). It
+    reads back its copy in ``workdir`` (the run directory, see :meth:`run_files`) when there is
+    one, so a resumed run and predict mode use exactly the vocabulary the run trained with;
+    ``build=False`` (predict mode) forbids making a missing one.
+    """
+    del config, task, workdir, build
+    return pretrained
+
+  def run_files(self, tokenizer: Any) -> dict[str, str]:
+    """``{file name: text}`` the run directory keeps for :meth:`tokenizer` (default none)."""
+    del tokenizer
+    return {}
 
   # ---------------------------------------------------------------- model
 

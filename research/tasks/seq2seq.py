@@ -1,10 +1,14 @@
-"""Sequence-to-sequence (translation): teacher-forced cross-entropy, decoding and sacreBLEU.
+"""Sequence-to-sequence (translation): teacher-forced cross-entropy, decoding, sacreBLEU and chrF.
 
-Data: ``data_cfg.source_key`` / ``target_key`` texts. The source is encoded with the
-tokenizer's special tokens; the target without them, then ``decoder_input_ids = [BOS] + target``
-and ``labels = target + [EOS]`` (BOS/EOS: the tokenizer's bos/eos, else ``[CLS]``/``[SEP]``, as
-in BERT2BERT warm starts). Model: an EncoderDecoder (research.models.seq2seq) instead of an
-encoder with heads. Predict mode translates each line and writes ``translation``.
+Data: ``data_cfg.source_key`` / ``target_key`` texts. The source is encoded by the source
+tokenizer with its special tokens; the target by the target tokenizer without them, then
+``decoder_input_ids = [BOS] + target`` and ``labels = target + [EOS]`` (the target tokenizer's
+bos/eos, else ``[CLS]``/``[SEP]``, as in BERT2BERT warm starts). Which tokenizers those are is
+``tasks.<name>.vocab`` (research.tasks.seq2seq_text): the checkpoint's on both sides, or a cased
+BPE trained on the training split for the target (and optionally the source). Model: an
+EncoderDecoder (research.models.seq2seq) instead of an encoder with heads; its decoder's
+vocabulary is the target vocabulary. Predict mode translates each line and writes
+``translation``.
 
 The kind's functions:
 
@@ -15,18 +19,18 @@ The kind's functions:
 - ``predict`` / ``metrics``: teacher-forced next-token accuracy (cheap, every eval).
 - ``make_evaluate(model, task, task_cfg, tokenizer)``: the trainer's Evaluator calls the
   returned function on the eval batches; it translates them with the decoding settings of
-  ``tasks.<name>.decode`` (greedy or beam search, jitted, with the key/value cache) and scores
-  them with sacreBLEU (``sacrebleu.corpus_bleu``, default 13a tokenisation).
-
-Hypotheses and references are both detokenised with ``tokenizer.decode``: the references are
-the eval targets as the model sees them (for an uncased tokenizer such as MiniLM's: lowercased,
-accents stripped), so BLEU measures the translation, not the tokenizer's normalisation.
+  ``tasks.<name>.decode`` (greedy or beam search, jitted, with the key/value cache),
+  detokenises the hypotheses and scores them against the eval split's original target text:
+  ``bleu`` / ``chrf`` (cased sacreBLEU 13a and chrF of the first beam size) with their
+  ``bleu_signature`` / ``chrf_signature`` and ``length_ratio``, and ``bleu_<search>`` /
+  ``chrf_<search>`` for every beam size (``greedy``, ``beam4``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -35,10 +39,12 @@ import numpy as np
 
 from research.data import batching, registry, tokenize
 from research.tasks import register_kind
+from research.tasks import seq2seq_text as text_lib
 from research.tasks.kind import TaskKind
+from research.tasks.seq2seq_text import as_tokenizers
 
 IGNORE = -100
-METRICS = ("bleu", "token_accuracy")
+METRICS = ("bleu", "chrf", "length_ratio", "token_accuracy")
 CHUNK = 8192
 
 
@@ -49,19 +55,25 @@ def encode_pairs(
   max_length: int,
   target_max_length: int,
 ) -> tokenize.Tokenized:
-  """Tokenizes source/target pairs into encoder inputs, decoder inputs and labels."""
-  sp = tokenize.special_ids(tokenizer)
+  """Tokenizes source/target pairs into encoder inputs, decoder inputs and labels.
+
+  Args:
+    tokenizer: a :class:`~research.tasks.seq2seq_text.Tokenizers`, or one tokenizer for both
+      sides.
+  """
+  tok = as_tokenizers(tokenizer)
+  sp = tokenize.special_ids(tok.target)
   src: list[list[int]] = []
   types: list[list[int]] = []
   tgt: list[list[int]] = []
   for s in range(0, len(sources), CHUNK):
     enc = tokenize.run_tokenizer(
-      tokenizer, list(sources[s : s + CHUNK]), truncation=True, max_length=max_length
+      tok.source, list(sources[s : s + CHUNK]), truncation=True, max_length=max_length
     )
     src.extend(enc["input_ids"])
     types.extend(enc["token_type_ids"])
     dec = tokenize.run_tokenizer(
-      tokenizer,
+      tok.target,
       list(targets[s : s + CHUNK]),
       add_special_tokens=False,
       truncation=True,
@@ -81,7 +93,7 @@ def encode_pairs(
     scalars={},
     lengths=lengths,
     pad_values={
-      "input_ids": sp["pad"],
+      "input_ids": tokenize.special_ids(tok.source)["pad"],
       "token_type_ids": 0,
       "decoder_input_ids": sp["pad"],
       "labels": IGNORE,
@@ -146,8 +158,9 @@ def decode_settings(task_cfg: Any) -> dict[str, Any]:
   )
 
 
-def metric_name(beam: int) -> str:
-  return "bleu_greedy" if beam == 1 else f"bleu_beam{beam}"
+def search_name(beam: int) -> str:
+  """``greedy`` or ``beam<k>``: the suffix of a beam size's metrics."""
+  return "greedy" if beam == 1 else f"beam{beam}"
 
 
 def make_translator(
@@ -159,8 +172,10 @@ def make_translator(
   """
   from research.models.decoding import make_generate, strip
 
+  tok = as_tokenizers(tokenizer)
   settings = decode_settings(task_cfg)
-  ids = tokenize.special_ids(tokenizer)
+  ids = tokenize.special_ids(tok.target)
+  source_pad = tokenize.special_ids(tok.source)["pad"]
   generate = make_generate(
     model,
     task,
@@ -175,12 +190,12 @@ def make_translator(
 
   def translate(params, batch, put=lambda b: b) -> list[str]:
     source = {
-      "input_ids": _pad_to(batch["input_ids"], width, ids["pad"]),
+      "input_ids": _pad_to(batch["input_ids"], width, source_pad),
       "attention_mask": _pad_to(batch["attention_mask"], width, 0),
       "token_type_ids": _pad_to(batch["token_type_ids"], width, 0),
     }
     tokens = np.asarray(jax.device_get(generate(params, put(source))["tokens"]))
-    return [detokenize(tokenizer, row) for row in strip(tokens, ids["eos"])]
+    return [tok.decode(row) for row in strip(tokens, ids["eos"])]
 
   return translate
 
@@ -193,50 +208,40 @@ def _pad_to(x: np.ndarray, width: int, value: int) -> np.ndarray:
 
 
 def detokenize(tokenizer: Any, ids: Sequence[int]) -> str:
-  return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True)
-
-
-def references(tokenizer: Any, batch: dict[str, np.ndarray]) -> list[str]:
-  """The detokenised targets of a batch's rows (labels without -100 and EOS)."""
-  eos = tokenize.special_ids(tokenizer)["eos"]
-  out = []
-  for row in np.asarray(batch["labels"]):
-    row = [int(t) for t in row if t != IGNORE]
-    out.append(detokenize(tokenizer, row[:-1] if row and row[-1] == eos else row))
-  return out
-
-
-def bleu(hypotheses: Sequence[str], refs: Sequence[str]) -> float:
-  """Corpus sacreBLEU (13a tokenisation, as sacrebleu's default)."""
-  import sacrebleu
-
-  return float(sacrebleu.corpus_bleu(list(hypotheses), [list(refs)]).score)
+  """Target ids as text (see :meth:`~research.tasks.seq2seq_text.Tokenizers.decode`)."""
+  return as_tokenizers(tokenizer).decode(ids)
 
 
 def make_evaluate(
   model: Any, task: str, task_cfg: Any, tokenizer: Any
 ) -> Callable[[Any, list[dict[str, np.ndarray]], Callable], dict[str, Any]]:
-  """The Evaluator hook: ``evaluate(params, batches, put) -> {'bleu', 'bleu_greedy', ...}``.
+  """The Evaluator hook: ``evaluate(params, batches, put) -> {'bleu', 'chrf', ...}``.
 
-  ``bleu`` is the first of ``decode.beam_sizes``; every beam size also gets its own
-  ``bleu_greedy`` / ``bleu_beam<k>`` entry.
+  ``bleu``, ``chrf``, their signatures and ``length_ratio`` are those of the first of
+  ``decode.beam_sizes``; every beam size also gets ``bleu_<search>`` and ``chrf_<search>``.
+  The references are the eval split's target sentences from the data set, in the order of
+  the eval batches (the eval plan keeps data order).
   """
   settings = decode_settings(task_cfg)
   translators = {
     k: make_translator(model, task, task_cfg, tokenizer, k) for k in settings["beam_sizes"]
   }
+  refs: list[str] = []
 
   def evaluate(params, batches, put) -> dict[str, Any]:
-    refs = [r for b in batches for r, m in zip(references(tokenizer, b), b["example_mask"]) if m]
+    if not refs:  # Read once: the eval split does not change during a run.
+      refs.extend(text_lib.reference_texts(task_cfg.data))
     out: dict[str, Any] = {}
     for k, translate in translators.items():
       hyps = []
       for batch in batches:
         rows = translate(params, batch, put)
         hyps.extend(h for h, m in zip(rows, batch["example_mask"]) if m)
-      out[metric_name(k)] = bleu(hyps, refs)
+      scored = text_lib.scores(hyps, refs)
       if k == settings["beam_sizes"][0]:
-        out["bleu"] = out[metric_name(k)]
+        out.update(scored)
+      out[f"bleu_{search_name(k)}"] = scored["bleu"]
+      out[f"chrf_{search_name(k)}"] = scored["chrf"]
     return out
 
   return evaluate
@@ -275,7 +280,11 @@ def translate_lines(
 
 @dataclasses.dataclass(frozen=True)
 class Seq2SeqEncoder:
-  """Source and target texts (see the module docstring); a data-layer ``SplitEncoder``."""
+  """Source and target texts (see the module docstring); a data-layer ``SplitEncoder``.
+
+  Given one tokenizer, it encodes both sides; given a
+  :class:`~research.tasks.seq2seq_text.Tokenizers`, each side with its own.
+  """
 
   encoding: str = "seq2seq-bos-eos"
 
@@ -301,7 +310,7 @@ class Seq2SeqEncoder:
 
 @register_kind("seq2seq")
 class Seq2Seq(TaskKind):
-  """Text to text with an encoder-decoder; BLEU from decoding in :meth:`make_evaluate`."""
+  """Text to text with an encoder-decoder; BLEU and chrF from decoding in :meth:`make_evaluate`."""
 
   metric_names = METRICS
   encoder = Seq2SeqEncoder()
@@ -314,13 +323,37 @@ class Seq2Seq(TaskKind):
         f"model.peft.method={encoder.peft.method!r}: parameter-efficient transfer is wired for "
         "encoder TaskModels only, not seq2seq (the decoder's cached attention has no LoRA)"
       )
-    overrides = config.model.get("decoder_overrides", {})
+    vocab = text_lib.shared_vocab(config)
+    overrides = dict(config.model.get("decoder_overrides", {}) or {})
+    if vocab["target"] != "pretrained":
+      # The decoder's embeddings (and tied output layer) are the target vocabulary's.
+      if config.model.init == "bert2bert":
+        raise ValueError(
+          "model.init='bert2bert' copies the encoder's word embeddings into the decoder, so the "
+          "target vocabulary must be the checkpoint's (vocab.target='pretrained'); with a "
+          f"trained target vocabulary (vocab.target={vocab['target']!r}) use bert2rnd"
+        )
+      overrides["vocab_size"] = vocab["size"]
+    if vocab["source"] == "joint":
+      if config.model.init not in ("rnd2rnd", "scratch") or config.init_from:
+        raise ValueError(
+          "vocab.source='joint' gives the encoder a new vocabulary: train it from scratch "
+          f"(model.init='rnd2rnd'), not {config.model.init!r} / init_from"
+        )
+      encoder = encoder.replace(vocab_size=vocab["size"])
     return seq2seq.make_model(encoder, tuple(config.tasks), overrides, **model_kw)
 
   # The module's functions are the kind's (they are also used on their own, e.g. in tests).
   loss = staticmethod(loss)
   predict = staticmethod(predict)
   metrics = staticmethod(metrics)
+
+  def tokenizer(self, config, task, pretrained, workdir: str | Path | None = None, build=True):
+    return text_lib.load_tokenizers(config, task, pretrained, workdir, build)
+
+  def run_files(self, tokenizer) -> dict[str, str]:
+    tok = as_tokenizers(tokenizer)
+    return {text_lib.TARGET_FILE: tok.target_json} if tok.target_json is not None else {}
 
   def make_evaluate(self, model, task, task_cfg, tokenizer):
     return make_evaluate(model, task, task_cfg, tokenizer)

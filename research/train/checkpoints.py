@@ -9,7 +9,10 @@ fails naming the first path that differs, not with an opaque shape error deep in
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from research import paths
+from research import errors, paths
 
 STATE_FIELDS = ("step", "params", "opt_state", "rng", "nonfinite_streak", "nonfinite_total")
 
@@ -29,6 +32,44 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointCorruptError(RuntimeError):
   """No checkpoint of a workdir reads back."""
+
+
+class CheckpointWriteError(errors.RunError):
+  """A checkpoint could not be written (a full disk, a quota): the run stops, one line.
+
+  The write went to a temporary directory, so the checkpoints committed before it are
+  untouched and a rerun resumes from the newest; the partial one is removed at that start.
+  """
+
+
+class _OrbaxWriteErrorLogs(logging.Filter):
+  """Drops orbax's ERROR records (a traceback per background thread, several per failure):
+  the failure reaches the loop as one :class:`CheckpointWriteError`, whose cause holds the
+  same traceback for ``--verbose``. ``RESEARCH_VERBOSE=1`` keeps them."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _quiet_orbax_errors() -> None:
+  absl = logging.getLogger("absl")  # absl.logging's records, orbax's included.
+  if not errors.verbose_from_env() and not any(
+    isinstance(f, _OrbaxWriteErrorLogs) for f in absl.filters
+  ):
+    absl.addFilter(_OrbaxWriteErrorLogs())
+
+
+def _reason(exc: BaseException) -> str:
+  """The operating system's words for a failed write (``No space left on device``), else the
+  first line of the message: tensorstore's own run to several hundred characters."""
+  text = str(exc)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
+  if isinstance(exc, OSError) and exc.strerror:
+    return f"{exc.strerror} (errno {exc.errno})"
+  first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+  return first if len(first) <= 200 else first[:200] + "..."
 
 
 def state_tree(state: Any) -> dict[str, Any]:
@@ -71,6 +112,8 @@ class Checkpoints:
     best_mode: str = "max",
   ):
     root = Path(workdir).absolute()
+    _quiet_orbax_errors()
+    self._saving: int | None = None  # The step of the last save asked for (it may be async).
     self.latest = ocp.CheckpointManager(
       root / "checkpoints",
       # A killed save leaves a *.orbax-checkpoint-tmp-* directory: removed at start.
@@ -96,19 +139,54 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict) -> None:
-    self.latest.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state_tree(state)), data=ocp.args.JsonSave(data_state)
-      ),
+  def committed_steps(self) -> list[int]:
+    """The steps whose directory is complete (renamed from its temporary name), on disk."""
+    root = Path(self.latest.directory)
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+  def _write_error(self, step: int | None, exc: Exception, where: str) -> CheckpointWriteError:
+    """The one-line error of a failed write; an async save's failure surfaces at the next save
+    or wait, so ``step`` is the one asked for last that did not commit."""
+    committed = self.committed_steps()
+    if self._saving is not None and self._saving not in committed:
+      step = self._saving
+    named = f"checkpoint {step}" if step is not None else "a checkpoint"
+    resume = (
+      f"the committed checkpoints {committed} are untouched: free space and rerun the same "
+      f"command to resume from step {committed[-1]}"
+      if committed
+      else "no checkpoint was committed yet: free space and rerun the same command"
     )
+    return CheckpointWriteError(f"could not write {named} in {where}: {_reason(exc)}; {resume}")
+
+  def save(self, step: int, state: Any, data_state: dict) -> None:
+    """Saves ``state`` and the input position at ``step`` (asynchronously).
+
+    Raises:
+      CheckpointWriteError: this write, or the asynchronous one before it, failed.
+    """
+    try:
+      self.latest.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state_tree(state)), data=ocp.args.JsonSave(data_state)
+        ),
+      )
+    except Exception as e:  # tensorstore's ValueError, an OSError, ...: all one line.
+      raise self._write_error(step, e, str(self.latest.directory)) from e
+    self._saving = step
 
   def save_best(self, step: int, params: Any, metrics: dict[str, float]) -> None:
     if self.best is not None:
-      self.best.save(
-        step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), metrics=metrics
-      )
+      try:
+        self.best.save(
+          step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), metrics=metrics
+        )
+      except Exception as e:
+        raise CheckpointWriteError(
+          f"could not write the best params of step {step} in {self.best.directory}: "
+          f"{_reason(e)}; free space and rerun the same command to resume"
+        ) from e
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """``(state, data_state)`` at ``step`` (default latest), shaped and sharded as the target."""
@@ -157,14 +235,37 @@ class Checkpoints:
     )
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
+    """Blocks until the asynchronous writes are done.
+
+    Raises:
+      CheckpointWriteError: one of them failed.
+    """
+    try:
+      self.latest.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(None, e, str(self.latest.directory)) from e
     if self.best is not None:
-      self.best.wait_until_finished()
+      try:
+        self.best.wait_until_finished()
+      except Exception as e:
+        raise CheckpointWriteError(
+          f"could not write the best params in {self.best.directory}: {_reason(e)}; free "
+          "space and rerun the same command to resume"
+        ) from e
 
   def close(self) -> None:
+    self.wait()
     self.latest.close()
     if self.best is not None:
       self.best.close()
+
+  def settle(self) -> None:
+    """After a failure: waits for the writes in flight and closes the managers, swallowing
+    their errors (the failure being reported is the first one)."""
+    for manager in filter(None, (self.latest, self.best)):
+      for finish in (manager.wait_until_finished, manager.close):
+        with contextlib.suppress(Exception):
+          finish()
 
 
 def restore_state(manager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:

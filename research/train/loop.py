@@ -35,6 +35,7 @@ import numpy as np
 from research import optim, paths
 from research.train import checkpoints as ckpt_lib
 from research.train import parallel, setup
+from research.train import segments as segments_lib
 from research.train import workdir as workdir_lib
 from research.train.metrics import MetricWriter, peak_memory
 from research.train.state import TrainState
@@ -257,6 +258,7 @@ def run(
   """
   t_start = time.time()
   run_ = Run(config, Path(workdir), parallel.make_mesh(config.parallel))
+  setup.check_config(config, run_.mesh)  # Values, batch splits, init sources, data splits.
   program.build(run_)
   steps = int(program.steps)
   with workdir_lib.locked(run_.workdir, enabled=run_.is_main):
@@ -277,6 +279,26 @@ def _train(
     best_metric=program.best_metric,
     best_mode=program.best_mode,
   )
+  try:
+    return _steps(program, run_, steps, batch_hook, t_start, plan, ckpts)
+  except BaseException:
+    # Writes in flight finish (or fail quietly) before the error is reported: the checkpoints
+    # committed so far stay whole, and no writer thread speaks after the error line.
+    ckpts.settle()
+    raise
+
+
+def _steps(
+  program: Program,
+  run_: Run,
+  steps: int,
+  batch_hook: BatchHook | None,
+  t_start: float,
+  plan: setup.StatePlan,
+  ckpts: ckpt_lib.Checkpoints,
+) -> dict[str, Any]:
+  """From the first state to the results dict: restore or init, then the step loop."""
+  config, tcfg = run_.config, run_.config.train
   if run_.is_main:
     for line in plan.summary:
       run_.print(line)
@@ -298,6 +320,8 @@ def _train(
   )
   writer.drop_after(start_step)  # A resumed run rewrites what the killed one logged later.
   run_.print, run_.write = writer.print, writer.write
+  # This process's figures beside those of the segments before it (a resumed run).
+  segments = segments_lib.Segments(run_.workdir, start_step, t_start, enabled=run_.is_main)
   writer.print(" ".join(filter(None, [f"init: {origin};", program.describe()])).rstrip(";"))
   counts = optim.count_params(
     plan.abstract_params, optim.freeze_labels(plan.optim, plan.abstract_params)
@@ -328,7 +352,7 @@ def _train(
 
   pending: list[dict] = []
   last_eval: dict[str, dict] = {}
-  train_time, trained_examples, trained_steps, t_log = 0.0, 0.0, 0, None
+  t_window, first_window = time.time(), True  # The window being trained started at t_window.
   patience = tcfg.nonfinite_patience
   schedule = optim.lr_schedule(plan.optim, max(int(tcfg.steps), 1))
   with _PreemptionFlag().installed() as preemption:
@@ -340,11 +364,9 @@ def _train(
       if at_log:
         host = jax.device_get(pending)  # The only device->host sync of the loop.
         pending = []
-        now = time.time()
-        if t_log is not None:
-          train_time += now - t_log
-          trained_examples += float(sum(m["examples"] for m in host))
-          trained_steps += len(host)
+        examples = float(sum(m["examples"] for m in host))
+        # The segment's first window holds the compilations: counted, but not in the rates.
+        segments.window(done, len(host), examples, time.time() - t_window, not first_window)
         first = done - len(host) + 1
         record = {
           "loss": finite_mean([m["loss"] for m in host]),
@@ -355,9 +377,8 @@ def _train(
         }
         skipped = [first + i for i, m in enumerate(host) if m["nonfinite_streak"]]
         writer.write(done, "train", record)
-        writer.advance(
-          len(host), examples=float(sum(m["examples"] for m in host)), loss=record["loss"]
-        )
+        writer.advance(len(host), examples=examples, loss=record["loss"])
+        segments.save()
         if skipped:
           writer.print(
             f"step {done}: skipped non-finite step(s) {skipped[:10]}; "
@@ -370,12 +391,11 @@ def _train(
             f"NaN/inf); the last good checkpoint is {ckpts.latest_step()} in "
             f"{ckpts.latest.directory}" + (f"; skipped steps {skipped[:5]}" if skipped else "")
           )
-        t_log = time.time()
+        t_window, first_window = time.time(), False
       if tcfg.eval_every and (done % tcfg.eval_every == 0 or done == steps):
         t_eval = time.time()
         last_eval = evaluate(done) or last_eval
-        if t_log is not None:
-          t_log += time.time() - t_eval  # Evaluation time is not training time.
+        t_window += time.time() - t_eval  # Evaluation time is not training time.
       saved = False
       if tcfg.checkpoint_every and (done % tcfg.checkpoint_every == 0 or done == steps):
         ckpts.save(done, state, batches.state())
@@ -385,24 +405,25 @@ def _train(
           ckpts.save(done, state, batches.state())
         ckpts.wait()
         ckpts.close()
+        segments.save()
         writer.close()
         raise Preempted(done, f"{ckpts.latest.directory}/{done}")
   ckpts.wait()
   ckpts.close()
   finished = program.finish(run_, state, last_eval)
   writer.close()
+  segments.save()
+  totals = segments.totals()  # Every segment's work: a resumed run is not its last segment.
   return {
     "config": config.experiment,
     "tasks": list(program.tasks),
     "steps": steps,
     **finished,
-    "train_examples_per_sec": trained_examples / train_time if train_time else None,
-    # Mean over the logged windows after the first (which holds the compilations).
-    "step_time_s": train_time / trained_steps if trained_steps else None,
-    "wall_s": time.time() - t_start,
+    **{k: totals.pop(k) for k in ("train_examples_per_sec", "step_time_s", "wall_s")},
     **peak_memory(),
     "params": counts,
     "init": origin,
+    **totals,
   }
 
 

@@ -134,7 +134,9 @@ class MetricWriter:
     if not self.enabled or not path.stat().st_size:
       return
     lines = path.read_text().splitlines(keepends=True)
-    keep = [x for x in lines if json.loads(x).get("step", 0) <= step]
+    if lines and not lines[-1].endswith("\n"):
+      lines[-1] = ""  # A record cut short by a kill mid-write: it is logged again.
+    keep = [x for x in lines if x and json.loads(x).get("step", 0) <= step]
     if len(keep) < len(lines):
       self._jsonl.close()
       tmp = path.with_suffix(".tmp")

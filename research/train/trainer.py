@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -41,6 +42,9 @@ class SupervisedProgram(loop.Program):
     self.kinds = {task: task_lib.get(t.kind) for task, t in self.task_cfgs.items()}
     self.labels = {task: self.kinds[task].label_names(t.data) for task, t in self.task_cfgs.items()}
     self.model, _ = build_model(config, {task: len(n) for task, n in self.labels.items()})
+    # Each task's tokenizer, as its kind chooses it (seq2seq may train a target vocabulary; a
+    # resumed run reads its own copy back from the run directory).
+    self.tokenizers = {task: tokenizer_of(config, task, run.workdir) for task in self.tasks}
     parallel.check_batch_size(tcfg.batch_size, run.mesh)
     if tcfg.batch_size % tcfg.grad_accum:
       raise ValueError(f"train.batch_size={tcfg.batch_size} must divide by grad_accum")
@@ -51,18 +55,21 @@ class SupervisedProgram(loop.Program):
     self.order = np.zeros([0], np.int32)
 
   def files(self) -> dict[str, str]:
-    # Predict mode reads the label names from here, without the data set.
-    return {"labels.json": json.dumps(self.labels, indent=2) + "\n"}
+    # Predict mode reads the label names from here, without the data set; the kinds' files
+    # (a trained vocabulary) are what predict mode and a resumed run tokenize with.
+    files = {"labels.json": json.dumps(self.labels, indent=2) + "\n"}
+    for task, kind in self.kinds.items():
+      files.update(kind.run_files(self.tokenizers[task]))
+    return files
 
   def batches(self, run: loop.Run, start_step: int, data_state: dict) -> multitask.Mixture:
     from research.data import input_pipeline
 
     config, mt = self.config, self.mt
-    tokenizer = tokenizer_of(config)
     train_its = {
       task: input_pipeline.build_iterator(
         t.data,
-        tokenizer,
+        self.tokenizers[task],
         t.data.splits.train,
         batch_size=config.train.batch_size,
         train=True,
@@ -109,7 +116,9 @@ class SupervisedProgram(loop.Program):
         in_shardings=(shardings.params, run.batch_sharding),
         out_shardings=parallel.replicated(run.mesh),
       )
-      self.evaluators[task] = Evaluator(task, t.kind, t, config, run.put, eval_step, model=model)
+      self.evaluators[task] = Evaluator(
+        task, t.kind, t, config, run.put, eval_step, model=model, tokenizer=self.tokenizers[task]
+      )
 
   def step_fn(self, step: int) -> Callable:
     return self.train_steps[self.order[step]]
@@ -131,6 +140,8 @@ class SupervisedProgram(loop.Program):
     if not last_eval and (self.config.train.eval_every or self.steps == 0):  # Evaluate only.
       last_eval = self.evaluate(run, state.params, self.steps)
     counts = np.bincount(self.order, minlength=len(self.tasks))
+    # Text beside the scores (seq2seq's sacreBLEU signatures) goes to results.json only.
+    last_eval = {t: {**m, **self.evaluators[t].notes} for t, m in last_eval.items()}
     return {
       "task_steps": {t: int(n) for t, n in zip(self.tasks, counts)},
       "eval": last_eval,
@@ -150,11 +161,27 @@ def _task_step(step: Callable, loss_weight: float) -> Callable:
   return weighted
 
 
-def tokenizer_of(config: ml_collections.ConfigDict):
-  """The tokenizer of the run's checkpoint (an HF directory or hub id)."""
+def tokenizer_of(
+  config: ml_collections.ConfigDict,
+  task: str | None = None,
+  workdir: str | Path | None = None,
+  build: bool = True,
+):
+  """The tokenizer of the run's checkpoint (an HF directory or hub id); with ``task``, the one
+  that task's kind reads its data with (``TaskKind.tokenizer``: e.g. seq2seq's trained target
+  vocabulary, read back from ``workdir`` when the run directory holds it; ``build=False``
+  refuses to make a missing one, as predict mode must)."""
   import transformers
 
-  return transformers.AutoTokenizer.from_pretrained(str(hf.resolve(config.model.checkpoint)))
+  pretrained = transformers.AutoTokenizer.from_pretrained(str(hf.resolve(config.model.checkpoint)))
+  if pretrained.pad_token is None and pretrained.eos_token is not None:
+    # Decoder-only tokenizers (Llama 3, GPT-2) have no pad token: pad with EOS, as transformers'
+    # recipes do; the attention mask keeps padding out, and `last` pooling finds real tokens.
+    pretrained.pad_token = pretrained.eos_token
+  if task is None:
+    return pretrained
+  kind = task_lib.get(config.tasks[task].kind)
+  return kind.tokenizer(config, task, pretrained, workdir, build)
 
 
 def _concat(arrays: list[np.ndarray], key: str) -> np.ndarray:
@@ -170,11 +197,17 @@ def _concat(arrays: list[np.ndarray], key: str) -> np.ndarray:
 
 
 class Evaluator:
-  """Runs one task's eval split through the jitted eval step; metrics on the host."""
+  """Runs one task's eval split through the jitted eval step; metrics on the host.
 
-  def __init__(self, task, kind, task_cfg, config, put, eval_step, model=None):
+  The kind's hook may return text beside its numbers (seq2seq's sacreBLEU signatures): the
+  numbers are the eval metrics, the text is kept in ``notes`` for results.json.
+  """
+
+  def __init__(self, task, kind, task_cfg, config, put, eval_step, model=None, tokenizer=None):
     self.task, self.kind, self.put, self.eval_step = task, task_lib.get(kind), put, eval_step
     self.task_cfg, self.config, self.model = task_cfg, config, model
+    self.tokenizer = tokenizer if tokenizer is not None else tokenizer_of(config, task)
+    self.notes: dict[str, str] = {}
     self._hook, self._hook_built = None, False  # The kind's make_evaluate(...), built once.
     self.label_names = self.kind.label_names(task_cfg.data)
     self._batches: list[dict] | None = None
@@ -185,7 +218,7 @@ class Evaluator:
 
       it = input_pipeline.build_iterator(
         self.task_cfg.data,
-        tokenizer_of(self.config),
+        self.tokenizer,
         self.task_cfg.data.splits.eval,
         batch_size=self.config.eval.batch_size,
         train=False,
@@ -208,8 +241,12 @@ class Evaluator:
     out = self.kind.metrics(cat(preds), cat(golds), self.label_names)
     out["loss"] = total / max(weight, 1.0)
     if not self._hook_built:  # e.g. seq2seq: decode, then BLEU; None for most kinds.
-      args = (self.model, self.task, self.task_cfg, tokenizer_of(self.config))
+      args = (self.model, self.task, self.task_cfg, self.tokenizer)
       self._hook, self._hook_built = self.kind.make_evaluate(*args), True
     if self._hook is not None:
-      out.update(self._hook(params, self.batches(), self.put))
+      for key, value in self._hook(params, self.batches(), self.put).items():
+        if isinstance(value, str):
+          self.notes[key] = value
+        else:
+          out[key] = value
     return out

@@ -59,9 +59,38 @@ def locked(workdir: Path, enabled: bool = True) -> Iterator[None]:
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / LOCK_NAME
   me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+  # The lock appears with its content in one step (a hard link to a written temp file), so a
+  # kill can never leave an empty lock file that no one could tell from a live holder.
+  claim = workdir / f"{LOCK_NAME}.{me['host']}.{me['pid']}"
+  claim.write_text(json.dumps(me))
+  try:
+    _take(path, claim, me, workdir)
+  finally:
+    claim.unlink(missing_ok=True)
+  try:
+    yield
+  finally:
+    if (_holder(path) or {}).get("pid") == me["pid"]:
+      path.unlink(missing_ok=True)
+
+
+def _create(path: Path, claim: Path) -> None:
+  """Creates ``path`` with ``claim``'s content; FileExistsError if it exists."""
+  try:
+    os.link(claim, path)
+  except FileExistsError:
+    raise
+  except OSError:  # A file system without hard links: exclusive create, then write.
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+      f.write(claim.read_text())
+
+
+def _take(path: Path, claim: Path, me: dict, workdir: Path) -> None:
+  """Creates the lock ``path`` for ``me``, replacing a dead holder's; raises if one lives."""
   for _ in range(2):
     try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      _create(path, claim)
     except FileExistsError:
       holder = _holder(path)
       stale = holder is not None and holder.get("host") == me["host"] and not _alive(holder["pid"])
@@ -78,13 +107,5 @@ def locked(workdir: Path, enabled: bool = True) -> Iterator[None]:
         ) from None
       path.unlink(missing_ok=True)  # Its pid is gone: a killed run's lock.
       continue
-    with os.fdopen(fd, "w") as f:
-      json.dump(me, f)
-    break
-  else:
-    raise WorkdirBusyError(f"{workdir}: could not take {path} (another run keeps taking it)")
-  try:
-    yield
-  finally:
-    if (_holder(path) or {}).get("pid") == me["pid"]:
-      path.unlink(missing_ok=True)
+    return
+  raise WorkdirBusyError(f"{workdir}: could not take {path} (another run keeps taking it)")

@@ -11,7 +11,7 @@ the architecture (config.json keys, weight names, prefixes, the module to check 
 comes from the model family that reads the checkpoint's ``model_type``
 (research.models.families), so a new family needs no change here.
 
-Command line (prints ``max_abs_diff=<float>`` last, the contract in DESIGN.md)::
+Command line (prints ``max_abs_diff=<float>`` last, the contract in docs/design.md)::
 
   python -m research.transfer.hf verify CHECKPOINT_DIR
   python -m research.transfer.hf inspect CHECKPOINT_DIR
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from research import paths
+from research import errors, paths
 from research.models import families
 from research.models.family import Config, Family
 from research.transfer import peft
@@ -62,8 +62,12 @@ LOCAL_COPIES = {MPNET: ("RESEARCH_MPNET_DIR", ".cache/all-mpnet-base-v2")}
 REPO = Path(__file__).resolve().parents[2]
 
 
-class CheckpointError(ValueError):
-  """A checkpoint directory or file that cannot be used; the message names file and problem."""
+class CheckpointError(errors.RunError, ValueError):
+  """A checkpoint directory or file that cannot be used; the message names file and problem.
+
+  A :class:`research.errors.RunError` (the CLI prints it in one line, exit 1) and, as before,
+  a ValueError.
+  """
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -80,8 +84,10 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
   if path.is_dir():
     return path
   name = str(name_or_path)
-  if path.exists() or name.count("/") > 1 or name.startswith((".", "/", "~")):
-    raise CheckpointError(f"{name}: not a checkpoint directory")
+  if path.exists():
+    raise CheckpointError(f"{name}: a file, not a checkpoint directory")
+  if name.count("/") > 1 or name.startswith((".", "/", "~")):
+    raise CheckpointError(f"{name}: no such directory (expected an HF checkpoint directory)")
   patterns = [CONFIG, "*.safetensors", SAFETENSORS_INDEX, *TOKENIZER_FILES]
   try:
     import huggingface_hub
@@ -131,6 +137,13 @@ def load_config(directory: Path, family: str | None = None) -> Config:
     hf = json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
+  if isinstance(hf, dict) and "model_type" not in hf and {"tasks", "train"} <= hf.keys():
+    # Without this, a run's config.json reads as "unknown model_type None".
+    raise CheckpointError(
+      f"{directory} is a training run's directory (its config.json is a run config), not an HF "
+      "checkpoint: give a run as init_from (its best/ or checkpoints/ params are grafted) or "
+      "resume_from (continued exactly), and an HF directory or hub id as model.checkpoint"
+    )
   try:
     reader = (
       families.family_named(family)
@@ -142,12 +155,29 @@ def load_config(directory: Path, family: str | None = None) -> Config:
     raise CheckpointError(str(e)) from e
 
 
+def check_weights(directory: Path, allow_pickle: bool = False) -> None:
+  """Raises as :func:`read_tensors` would for absent weights or a refused pickle, reading none.
+
+  A run checks its init source with this before it writes anything.
+
+  Raises:
+    CheckpointError: no weights file, or only a pickle and not ``allow_pickle``.
+  """
+  if (directory / SAFETENSORS).is_file() or (directory / SAFETENSORS_INDEX).is_file():
+    return
+  if not (directory / PICKLE).is_file():
+    raise CheckpointError(f"{directory}: no {SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE}")
+  if not allow_pickle:
+    _read_pickle(directory / PICKLE, allow_pickle)
+
+
 def read_tensors(directory: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   """All tensors of a checkpoint as numpy arrays, from safetensors (single or sharded).
 
   Raises:
     CheckpointError: no weights, a damaged file, or a pickle without ``allow_pickle``.
   """
+  check_weights(directory, allow_pickle)
   index = directory / SAFETENSORS_INDEX
   if (directory / SAFETENSORS).is_file():
     files = [directory / SAFETENSORS]
@@ -179,12 +209,17 @@ def read_tensors(directory: Path, allow_pickle: bool = False) -> dict[str, np.nd
 def _read_pickle(file: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
   if not allow_pickle:
     raise CheckpointError(
-      f"{file}: a PyTorch pickle; refusing to unpickle it. Convert it to safetensors, or "
-      "pass allow_pickle=True if you trust it (loaded with torch.load(weights_only=True))."
+      f"{file}: a PyTorch pickle and no safetensors; refusing to unpickle it (unpickling can run "
+      "code from the file). Convert it to safetensors, or if you trust it set "
+      "--config.model.allow_pickle=True (python -m research.transfer.hf: --allow-pickle); it is "
+      "read with torch.load(weights_only=True)"
     )
   import torch
 
-  state = torch.load(file, map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(file, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises pickle, zip and runtime errors for a damaged file.
+    raise CheckpointError(f"{file}: cannot read the pickle ({e}); truncated or damaged?") from e
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 
@@ -350,14 +385,14 @@ def describe(params: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def verify(name_or_path: str | os.PathLike) -> float:
+def verify(name_or_path: str | os.PathLike, allow_pickle: bool = False) -> float:
   """Max |ours - transformers (PyTorch)| over the last hidden states of a padded batch."""
   import jax.numpy as jnp
   import torch
   import transformers
 
   directory = resolve(name_or_path)
-  cfg, params = load_pretrained(directory)
+  cfg, params = load_pretrained(directory, allow_pickle=allow_pickle)
   ids, mask = verification_batch(directory, cfg)
   ours = (
     families.family_of(cfg)
@@ -402,17 +437,20 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m research.transfer.hf", description=__doc__)
   parser.add_argument("command", choices=["verify", "inspect"])
   parser.add_argument("checkpoint", help="an HF checkpoint directory or hub id")
+  parser.add_argument(
+    "--allow-pickle", action="store_true", help="read a trusted pytorch_model.bin pickle"
+  )
   args = parser.parse_args(argv)
   try:
     if args.command == "inspect":
-      cfg, params = load_pretrained(args.checkpoint)
+      cfg, params = load_pretrained(args.checkpoint, allow_pickle=args.allow_pickle)
       print(
         f"{families.family_of(cfg).name} family, {cfg.model_type}: {cfg.num_layers} layers, "
         f"hidden {cfg.hidden_size}, {cfg.num_heads} heads, vocab {cfg.vocab_size}"
       )
       print(describe(params))
     else:
-      print(f"max_abs_diff={verify(args.checkpoint):.3e}")
+      print(f"max_abs_diff={verify(args.checkpoint, args.allow_pickle):.3e}")
   except CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

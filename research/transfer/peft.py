@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from research import paths
-from research.models.config import EncoderConfig, PeftConfig
+from research.models.config import PeftConfig
 
 LORA_LEAVES = ("lora_a", "lora_b")
 ENCODER_NORMS = r"encoder/(.*/)?(layer_norm|attention_norm|output_norm)/(scale|bias)"
@@ -72,47 +72,54 @@ def trainable_rules(peft: PeftConfig, tasks: Sequence[str]) -> tuple[str, ...]:
   return own + heads
 
 
-def dense_modules(cfg: EncoderConfig) -> dict[str, tuple[int, int]]:
-  """``{module path: (in, out)}`` of every kernel-and-bias projection of the encoder.
+def dense_modules(cfg: Any) -> dict[str, tuple[int, int]]:
+  """``{module path: (in, out)}`` of every linear projection (2-D ``kernel``) of ``cfg``'s encoder.
 
-  Read from the architecture, not from a parameter tree: what LoRA targets are matched against
-  and what :func:`analytic_trainable_count` sums over.
+  Read from the family's module by ``jax.eval_shape`` (nothing is allocated), so every family
+  with a ``peft`` field is covered by one definition: the BERT-like encoder's q/k/v/output,
+  FFN, pooler and ELECTRA projection; a Llama's q/k/v/o and gate/up/down; GPT-2's fused qkv,
+  output, intermediate and output (and an untied ``lm_head``). What LoRA targets are matched
+  against and what :func:`analytic_trainable_count` sums over.
   """
-  h, i = cfg.hidden_size, cfg.intermediate_size
-  out: dict[str, tuple[int, int]] = {}
-  if cfg.embedding_size is not None:
-    out["encoder/embeddings/projection"] = (cfg.embedding_size, h)
-  for n in range(cfg.num_layers):
-    for proj in ("query", "key", "value", "output"):
-      out[f"encoder/layer_{n}/attention/{proj}"] = (h, h)
-    out[f"encoder/layer_{n}/ffn/intermediate"] = (h, i)
-    out[f"encoder/layer_{n}/ffn/output"] = (i, h)
-  if cfg.use_pooler:
-    out["encoder/pooler"] = (h, h)
+  import jax
+  import jax.numpy as jnp
+
+  from research.models import families
+
+  plain = cfg.replace(peft=None)  # The base architecture: no LoRA or adapter kernels.
+  module = families.family_of(plain).encoder(plain)
+  ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), ids)["params"]
+  out = {}
+  for path, leaf in paths.flatten(shapes).items():
+    if path.endswith("/kernel") and len(leaf.shape) == 2:
+      out[f"encoder/{path[: -len('/kernel')]}"] = tuple(leaf.shape)
   return out
 
 
-def lora_modules(cfg: EncoderConfig, peft: PeftConfig) -> dict[str, tuple[int, int]]:
+def lora_modules(cfg: Any, peft: PeftConfig) -> dict[str, tuple[int, int]]:
   """The projections that get LoRA matrices, ``{module path: (in, out)}``.
 
   Raises:
-    ValueError: a target regex matching no projection (usually a typo), naming it.
+    ValueError: a target regex matching no projection (usually a typo), naming it and the
+      candidates (layer numbers written ``N``).
   """
   modules = dense_modules(cfg)
   unused = paths.unused_rules([(t, None) for t in peft.lora_targets], modules)
   if unused:
+    candidates = sorted({re.sub(r"layer_\d+", "layer_N", p) for p in modules})
     raise ValueError(
       f"model.peft.lora_targets: {unused} match no projection; module paths look like "
-      f"{next(iter(modules))!r}; candidates: encoder/layer_N/attention/(query|key|value|output), "
-      "encoder/layer_N/ffn/(intermediate|output), encoder/pooler"
+      f"{next(iter(modules))!r}; candidates: {', '.join(candidates)}"
     )
   return {p: shape for p, shape in modules.items() if peft.is_lora_target(p)}
 
 
-def analytic_trainable_count(cfg: EncoderConfig, peft: PeftConfig, head_param_count: int) -> int:
+def analytic_trainable_count(cfg: Any, peft: PeftConfig, head_param_count: int) -> int:
   """Trainable parameters of ``peft`` on ``cfg`` by formula (H hidden, I intermediate, L layers).
 
-  - lora: ``sum over targets of rank * (in + out)`` (2 r H per attention projection).
+  - lora: ``sum over targets of rank * (in + out)`` (2 r H per attention projection); any
+    family with a ``peft`` field. The other methods' formulas are the BERT-like encoder's.
   - adapters: ``n L (2 H m + m + H)`` with ``n`` adapters per layer (2 houlsby, 1 pfeiffer),
     bottleneck ``m``, plus the LayerNorms ``2 E + 4 H L`` (E: embedding width, usually H).
   - bitfit: ``L (7 H + I) + E`` (q/k/v/output, FFN and LayerNorm biases; embedding LayerNorm),
@@ -120,12 +127,12 @@ def analytic_trainable_count(cfg: EncoderConfig, peft: PeftConfig, head_param_co
   - none: every encoder parameter.
   Each plus ``head_param_count`` (heads always train).
   """
-  h, i, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-  e = cfg.embedding_size or h  # The embedding LayerNorm's width.
-  projections = dense_modules(cfg)
   if peft.method == "lora":
     own = sum(peft.lora_rank * (a + b) for a, b in lora_modules(cfg, peft).values())
-  elif peft.method == "adapters":
+    return own + head_param_count
+  h, i, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  e = cfg.embedding_size or h  # The embedding LayerNorm's width.
+  if peft.method == "adapters":
     m = peft.adapter_size
     adapters = len(peft.adapter_modules) * n_layers * (2 * h * m + m + h)
     own = adapters + 2 * e + 4 * h * n_layers
@@ -134,7 +141,7 @@ def analytic_trainable_count(cfg: EncoderConfig, peft: PeftConfig, head_param_co
   else:
     embeddings = e * (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) + 2 * e
     norms = 4 * h * n_layers
-    own = embeddings + norms + sum(a * b + b for a, b in projections.values())
+    own = embeddings + norms + sum(a * b + b for a, b in dense_modules(cfg).values())
   return own + head_param_count
 
 

@@ -12,6 +12,7 @@ expected, so a broken row is found without reading the builder.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import hashlib
@@ -22,11 +23,17 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from research import errors
+
 VERSION = tfds.core.Version("1.0.0")
 
 
-class InputError(ValueError):
-  """A malformed input file; the message names ``file:line`` and what was expected."""
+class InputError(errors.RunError, ValueError):
+  """A malformed input file; the message names ``file:line`` and what was expected.
+
+  A :class:`research.errors.RunError` (the CLI prints it in one line, exit 1) and, as before,
+  a ValueError.
+  """
 
   def __init__(self, path: str | Path, line: int | None, message: str):
     where = f"{path}:{line}" if line is not None else f"{path}"
@@ -134,10 +141,15 @@ def present_splits(config: LocalFilesConfig, manual_dir: Path) -> dict[str, Any]
   Raises:
     FileNotFoundError: if the manual dir is missing or holds none of the split files.
   """
+  # Imported here, not at the top: ``research.data`` imports this module, and a top-level import
+  # would load the download module before ``python -m research.data.download`` runs it.
+  from research.data import download
+
   if not manual_dir.is_dir():
     raise FileNotFoundError(
       f"Manual dir {manual_dir} for {config.name!r} does not exist; expected the raw files "
-      f"{sorted({n for s in config.files.values() for n in file_names(s)})} there."
+      f"{sorted({n for s in config.files.values() for n in file_names(s)})} there"
+      + (download.hint(manual_dir) or ".")
     )
   splits = {
     split: spec
@@ -147,7 +159,8 @@ def present_splits(config: LocalFilesConfig, manual_dir: Path) -> dict[str, Any]
   if not splits:
     raise FileNotFoundError(
       f"None of the files of {config.name!r} were found in {manual_dir}: expected "
-      f"{ {split: file_names(spec) for split, spec in config.files.items()} }."
+      f"{ {split: file_names(spec) for split, spec in config.files.items()} }"
+      + (download.hint(manual_dir) or ".")
     )
   return splits
 
@@ -177,27 +190,74 @@ def verify_inputs(
   return digests
 
 
-def open_text(path: Path, encoding: str) -> io.TextIOBase:
-  """Opens a text file for reading, transparently gunzipping ``*.gz``."""
-  if path.suffix == ".gz":
-    return gzip.open(path, "rt", encoding=encoding, newline="")
-  return open(path, encoding=encoding, newline="")
+def open_binary(path: Path) -> io.BufferedIOBase:
+  """Opens a file for reading bytes, transparently gunzipping ``*.gz``."""
+  return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def decode_error(
+  path: str | Path, lineno: int, raw: bytes, error: UnicodeDecodeError, encoding: str
+) -> InputError:
+  """The :class:`InputError` of bytes of line ``lineno`` that ``encoding`` cannot decode.
+
+  ``raw`` holds the line's bytes and ``error`` is the decoding error of exactly those bytes;
+  the column counts characters (the text before the bad byte decodes), as editors do.
+  """
+  column = len(raw[: error.start].decode(encoding, errors="replace")) + 1
+  name = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
+  return InputError(
+    path,
+    lineno,
+    f"not valid {name} (byte 0x{raw[error.start]:02x} at column {column}); fix that line or "
+    f"convert the file to {name} (iconv -f <its encoding> -t {name})",
+  )
+
+
+def decoded_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+  """``(line number from 1, line with its newline)`` of a text file, decoded line by line.
+
+  A text-mode file decodes blocks of several KiB ahead of the line being read, so a byte it
+  cannot decode was reported at the line before that block (a bad byte at line 42 of a small
+  file as line 1). Decoding each line's bytes on its own puts the error on its own line. Lines
+  end at ``\n`` (``\r\n`` included), which holds for ASCII-compatible encodings (UTF-8,
+  latin-1, the ones our data sets use).
+
+  Raises:
+    InputError: ``path:line:`` of the first line ``encoding`` cannot decode, with the byte and
+      its column.
+  """
+  with open_binary(path) as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        yield lineno, raw.decode(encoding)
+      except UnicodeDecodeError as e:
+        raise decode_error(path, lineno, raw, e, encoding) from None
+
+
+def read_text(path: Path, encoding: str) -> str:
+  """A whole text file (gunzipped for ``*.gz``); a bad byte is reported at its line."""
+  with open_binary(path) as f:
+    raw = f.read()
+  try:
+    return raw.decode(encoding)
+  except UnicodeDecodeError as e:
+    start = raw.rfind(b"\n", 0, e.start) + 1
+    end = raw.find(b"\n", e.start)
+    line = raw[start : len(raw) if end < 0 else end]
+    error = UnicodeDecodeError(e.encoding, line, e.start - start, e.end - start, e.reason)
+    raise decode_error(path, raw.count(b"\n", 0, e.start) + 1, line, error, encoding) from None
 
 
 def read_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
   """``(line number from 1, line without its newline)``, raising on an empty file.
 
   Raises:
-    InputError: if the file is empty, or not decodable with ``encoding``.
+    InputError: if the file is empty, or a line is not decodable with ``encoding`` (naming that
+      line, see :func:`decoded_lines`).
   """
   empty = True
-  with open_text(path, encoding) as f:
-    lineno = 0
-    try:
-      for lineno, line in enumerate(f, start=1):
-        empty = False
-        yield lineno, line.rstrip("\r\n")
-    except UnicodeDecodeError as e:
-      raise InputError(path, lineno + 1, f"not valid {encoding} text ({e.reason}).") from e
+  for lineno, line in decoded_lines(path, encoding):
+    empty = False
+    yield lineno, line.rstrip("\r\n")
   if empty:
     raise InputError(path, None, "empty file; expected at least one example.")

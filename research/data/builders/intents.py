@@ -134,8 +134,7 @@ def _jsonl(path: Path, cfg: IntentConfig) -> Iterator[tuple[str, str]]:
 
 
 def _clinc_json(path: Path, key: str, cfg: IntentConfig) -> Iterator[tuple[str, str]]:
-  with common.open_text(path, cfg.encoding) as f:
-    text = f.read()
+  text = common.read_text(path, cfg.encoding)
   if not text.strip():
     raise InputError(path, None, "empty file; expected {split: [[text, label], ...]}.")
   try:

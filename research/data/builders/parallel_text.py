@@ -1,9 +1,12 @@
 """tfds builder for line-aligned parallel text: one file per language side, plain or ``.gz``.
 
 Line i of every side's file is one sentence pair (Multi30k layout). Features: ``{lang: Text}``
-for each language, as in the catalog's ``wmt*_translate``; pairs keep file order. Files of a
-split with different line counts, or an empty sentence, raise
-:class:`~research.data.builders.common.InputError` naming ``file:line``.
+for each language, as in the catalog's ``wmt*_translate``; pairs keep file order. A split whose
+files are absent is not produced: Multi30k's ``test`` split (``test_2016_flickr.{en,de}.gz``,
+not distributed with the shared data) appears once its files are put beside the others
+(tested with tests/fixtures/data/multi30k_test2016). Files of a split with different line
+counts, or an empty sentence, raise :class:`~research.data.builders.common.InputError` naming
+``file:line``.
 """
 
 from __future__ import annotations

@@ -127,12 +127,12 @@ def _rows(path: Path, fmt: str, encoding: str) -> Iterator[tuple[int, list[str]]
         yield lineno, line.split("\t")
   elif fmt == "csv":
     empty = True
-    with common.open_text(path, encoding) as f:
-      reader = csv.reader(f)
-      for row in reader:
-        empty = False
-        if any(cell.strip() for cell in row):
-          yield reader.line_num, row
+    # Lines decoded one by one, so a bad byte is reported at its own line (common.decoded_lines).
+    reader = csv.reader(line for _, line in common.decoded_lines(path, encoding))
+    for row in reader:
+      empty = False
+      if any(cell.strip() for cell in row):
+        yield reader.line_num, row
     if empty:
       raise InputError(path, None, "empty file; expected at least one example.")
   else:
