@@ -89,6 +89,9 @@ def make_causal_lm(name: str, seed: int = 0):
   config_cls, model_cls, kwargs = CASES[name]
   torch.manual_seed(seed)
   config = getattr(transformers, config_cls)(**kwargs)
+  # Eager attention: the reference is the plain math every time, not whichever fused SDPA
+  # kernel torch picks at run time.
+  config._attn_implementation = "eager"
   model = getattr(transformers, model_cls)(config).eval()
   with torch.no_grad():  # Biases and norm weights start at 0 or 1: move them so they count.
     for param in model.parameters():
