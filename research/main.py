@@ -19,7 +19,6 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import sys
@@ -30,7 +29,7 @@ from typing import NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from research import config_lib, errors
+from research import cli_help, config_lib, errors
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file[:variant].", lock_config=True
@@ -77,79 +76,6 @@ def wants_verbose(argv: list[str]) -> bool:
   return on or errors.verbose_from_env()
 
 
-def config_list() -> list[str]:
-  """Two lines per config under configs/: its path and docstring's first line, its variants.
-
-  Read with ``ast`` (``VARIANTS`` is a literal tuple), so ``--help`` imports no config and
-  builds no model.
-  """
-  lines = []
-  for path in sorted((REPO / "configs").rglob("*.py")):
-    tree = ast.parse(path.read_text())
-    variants = next(
-      (
-        ast.literal_eval(node.value)
-        for node in tree.body
-        if isinstance(node, ast.Assign)
-        and any(getattr(t, "id", None) == "VARIANTS" for t in node.targets)
-      ),
-      (),
-    )
-    doc = (ast.get_docstring(tree) or "").strip().splitlines()
-    shown = " | ".join(v for v in variants if v) or "-"
-    name = path.relative_to(REPO).as_posix()
-    lines.append(f"  {name:<38} {doc[0] if doc else ''}")
-    lines.append(f"  {'':<38} variants: {shown}")
-  return lines
-
-
-def flag_lines() -> list[str]:
-  """This module's flags as absl describes them, without its header line."""
-  lines = flags.FLAGS.module_help(sys.modules[__name__]).strip("\n").splitlines()
-  return [line[2:] if line.startswith("  ") else line for line in lines[1:]]
-
-
-def usage() -> str:
-  """The ``--help`` text: synopsis, examples, flags, configs, environment, exit codes."""
-  from research.data import locations
-
-  return "\n".join(
-    [
-      "Train and evaluate an experiment config, or predict with a trained run.",
-      "",
-      "usage:",
-      "  python -m research.main --config=FILE[:variant[,variant...]] --workdir=DIR "
-      "[--config.KEY=VALUE ...] [--verbose]",
-      "  python -m research.main --mode=predict --workdir=DIR --input=FILE [--output=FILE] "
-      "[--task=NAME]",
-      "",
-      "examples:",
-      "  train:   python -m research.main --config=configs/sst2_minilm.py:smoke "
-      "--workdir=runs/sst2_smoke",
-      "  predict: python -m research.main --mode=predict --workdir=runs/sst2_smoke "
-      "--input=reviews.txt",
-      "",
-      "flags:",
-      *flag_lines(),
-      "",
-      "configs (variants after ':', comma-separated; 'tiny' runs in seconds on CPU):",
-      *config_list(),
-      "",
-      "environment:",
-      f"  {locations.DATA_ENV:<20} raw data sets, one folder each (default: <repo>/data)",
-      f"  {locations.TFDS_ENV:<20} prepared tfds data, writable (default: <repo>/.tfds)",
-      f"  {errors.VERBOSE_ENV:<20} 1: print the traceback of an error, as --verbose",
-      "  a fresh machine fetches the raw data with: python -m research.data.download sst2 ...",
-      "",
-      "exit status (an error is one 'error: ...' line on stderr):",
-      "  0    done",
-      "  1    the run failed: a data file, checkpoint, init source, busy workdir",
-      "  2    usage error: a flag, config file, key, variant or value",
-      "  143  preempted by SIGTERM: rerun the same command to resume",
-    ]
-  )
-
-
 def config_arg(argv: list[str]) -> str | None:
   """The value of ``--config=SPEC`` or ``--config SPEC`` in ``argv``."""
   for i, arg in enumerate(argv):
@@ -191,7 +117,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with ``--help`` exiting 0 and every flag mistake one line, exit 2."""
   verbose = wants_verbose(argv[1:])
   if any(a in HELP_FLAGS for a in argv[1:]):
-    print(usage())
+    print(cli_help.usage(sys.modules[__name__]))
     sys.exit(0)
   try:
     check_config_arg(argv[1:])
