@@ -67,7 +67,10 @@ def fail(exc: BaseException, code: int, verbose: bool) -> NoReturn:
   if verbose:
     traceback.print_exception(exc)
   print(f"error: {errors.one_line(exc)}", file=sys.stderr, flush=True)
-  sys.exit(code)
+  sys.stdout.flush()
+  # No interpreter shutdown after a failed run: orbax's abandoned reads and writes would print
+  # their asyncio tracebacks after the error line. Committed checkpoints are already whole.
+  os._exit(code)
 
 
 def wants_verbose(argv: list[str]) -> bool:
@@ -182,6 +185,10 @@ def main(argv: list[str]) -> None:
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO.
   verbose = _VERBOSE.value or errors.verbose_from_env()
+  if not verbose:
+    # Exceptions Python cannot raise (orbax's abandoned async reads of a damaged checkpoint,
+    # collected as garbage) would print tracebacks around the one error line; --verbose shows them.
+    sys.unraisablehook = lambda unraisable: None
   try:
     if _MODE.value == "predict":
       from research.predict import predict_file

@@ -9,7 +9,6 @@ fails naming the first path that differs, not with an opaque shape error deep in
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -258,14 +257,6 @@ class Checkpoints:
     self.latest.close()
     if self.best is not None:
       self.best.close()
-
-  def settle(self) -> None:
-    """After a failure: waits for the writes in flight and closes the managers, swallowing
-    their errors (the failure being reported is the first one)."""
-    for manager in filter(None, (self.latest, self.best)):
-      for finish in (manager.wait_until_finished, manager.close):
-        with contextlib.suppress(Exception):
-          finish()
 
 
 def restore_state(manager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:

@@ -279,13 +279,7 @@ def _train(
     best_metric=program.best_metric,
     best_mode=program.best_mode,
   )
-  try:
-    return _steps(program, run_, steps, batch_hook, t_start, plan, ckpts)
-  except BaseException:
-    # Writes in flight finish (or fail quietly) before the error is reported: the checkpoints
-    # committed so far stay whole, and no writer thread speaks after the error line.
-    ckpts.settle()
-    raise
+  return _steps(program, run_, steps, batch_hook, t_start, plan, ckpts)
 
 
 def _steps(
