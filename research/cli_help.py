@@ -12,7 +12,7 @@ from types import ModuleType
 
 from absl import flags
 
-from research import errors
+from research import compile_cache, errors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +80,12 @@ def usage(main: ModuleType) -> str:
       f"  {locations.DATA_ENV:<20} raw data sets, one folder each (default: <repo>/data)",
       f"  {locations.TFDS_ENV:<20} prepared tfds data, writable (default: <repo>/.tfds)",
       f"  {errors.VERBOSE_ENV:<20} 1: print the traceback of an error, as --verbose",
+      f"  {compile_cache.COMPILE_CACHE_ENV}",
+      f"  {'':<20} compiled programs kept on disk: a directory, or 'off' "
+      f"(default: ${compile_cache.JAX_DIR_ENV}, else ~/.cache/research/jax)",
+      # research.models.common.ATTENTION_ENV (not imported: --help builds no model).
+      f"  {'RESEARCH_ATTENTION':<20} attention kernel: auto (cuDNN on a GPU in bf16/fp16, "
+      "else XLA), xla or cudnn",
       "  a fresh machine fetches the raw data with: python -m research.data.download sst2 ...",
       "",
       "exit status (an error is one 'error: ...' line on stderr):",

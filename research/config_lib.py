@@ -318,6 +318,29 @@ def translation_experiment(
   return c
 
 
+def pretrained_translation(
+  arg: ml_collections.ConfigDict, experiment: str, family: str, checkpoint: str
+) -> ml_collections.ConfigDict:
+  """Multi30k en->de fine-tuning of a pretrained encoder-decoder (T5, BART, Marian) under the
+  protocol of :func:`translation_experiment`: every weight from ``arg.checkpoint`` (default
+  ``checkpoint``, an HF directory or hub id of ``family``), its own tokenizer on both sides,
+  its decoder start token. Without the weights, ``tiny`` (the committed fixture) and ``smoke``
+  (10 steps on the real data) train a random model of the family's tiny shape on MiniLM's
+  tokenizer, so the whole path runs anywhere; ``smoke,checkpoint=DIR`` is the smoke schedule
+  on real weights. Returns the config unlocked.
+  """
+  model = dict(checkpoint=arg.checkpoint or checkpoint, init="pretrained")
+  c = translation_experiment(arg, experiment, model, dict(target="pretrained"), 4000, 500)
+  c.tasks.multi30k.vocab = dict(target="pretrained")
+  c.model.init = "pretrained"  # translation_experiment's tiny sets a BERT2RND mode.
+  c.model.graft_rules = ()  # The family's own: the whole model from the checkpoint.
+  if (arg.tiny or arg.smoke) and not arg.checkpoint:
+    c.model.update(checkpoint=MINILM, family=family, init="scratch")
+  c.model.encoder_overrides = {}  # Assigned: make_tiny's EncoderConfig sizes are not T5's.
+  c.model.decoder_overrides = {}  # The family's decoder is the checkpoint's.
+  return c
+
+
 # ----------------------------------------------------------------------------- loading
 
 

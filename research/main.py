@@ -29,7 +29,7 @@ from typing import NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from research import cli_help, config_lib, errors
+from research import cli_help, compile_cache, config_lib, errors
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file[:variant].", lock_config=True
@@ -183,6 +183,7 @@ def run(config, workdir: str) -> None:
 def main(argv: list[str]) -> None:
   del argv  # parse_flags has refused stray arguments.
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  compile_cache.enable()  # Before anything compiles; $RESEARCH_COMPILE_CACHE moves or disables.
   logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO.
   verbose = _VERBOSE.value or errors.verbose_from_env()
   if not verbose:

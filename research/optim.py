@@ -125,6 +125,17 @@ def freeze_labels(cfg: ml_collections.ConfigDict, params: Any) -> Any:
   rules += [(p, TRAINABLE) for p in trainable]
   default = FROZEN if trainable else TRAINABLE
   labels = paths.label_tree(params, rules, default=default)
+  flat_labels = paths.flatten(labels)
+  integer = [
+    p
+    for p, leaf in paths.flatten(params).items()
+    if flat_labels[p] == TRAINABLE and not jnp.issubdtype(leaf.dtype, jnp.inexact)
+  ]
+  if integer:  # A QLoRA base's NF4 codes: storage, not something a gradient can move.
+    raise ValueError(
+      f"optim: integer leaves cannot train, yet {integer[:3]} are trainable; freeze them "
+      "(e.g. optim.freeze=('.*kernel_nf4/.*',))"
+    )
   if all(label == FROZEN for label in jax.tree.leaves(labels)):
     raise ValueError("optim: every parameter is frozen; nothing would train")
   return labels

@@ -1,4 +1,5 @@
-"""research.bench.maml at a tiny shape: every side computes the same first meta-loss.
+"""research.bench.maml at a tiny shape: every side computes the same first meta-loss; and
+research.bench.maml_memory's ``--tiny`` mode.
 
 The benchmark's correctness check (ours, second order by reverse-over-reverse and by forward
 HVPs, against ``torch.func`` on transformers' BertModel, all from all-MiniLM-L6-v2 on the same
@@ -8,12 +9,14 @@ when only a config.json is at hand (``--init=random``).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from research.subprocess_env import child_env
@@ -40,3 +43,20 @@ def test_maml_bench_sides_agree_on_the_first_meta_loss(minilm_dir, tmp_path, ini
   losses = [float(x) for x in re.findall(r" (\d+\.\d+)", first)]
   assert len(losses) == 3, first
   assert max(losses) - min(losses) < 1e-4, first
+
+
+def test_maml_memory_bench_tiny_lora_inner_loop_is_smaller():
+  """``research.bench.maml_memory --tiny``: each configuration in its own subprocess; the LoRA
+  inner loop meta-learns a fraction of the parameters in a smaller compiled step."""
+  cmd = [sys.executable, "-m", "research.bench.maml_memory", "--tiny", "--orders=first"]
+  out = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  by_inner = {r["inner"]: r for r in rows}
+  assert set(by_inner) == {"full", "lora"}
+  full, lora = by_inner["full"], by_inner["lora"]
+  assert lora["meta_learned"] < full["meta_learned"] / 100
+  assert lora["compiled_gb"] < full["compiled_gb"]
+  for r in rows:
+    assert r["peak_rss_gb"] > 0 and r["s_per_step"] > 0 and np.isfinite(r["loss"])
+  assert "| tiny | lora | first |" in out.stdout and out.stdout.startswith("uptime:")

@@ -28,7 +28,8 @@ from research.transfer import hf
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILY_MODULES = {"bert.py", "mpnet.py", "cnn.py", "families.py", "family.py"}
-FAMILY_PACKAGES = {"decoder_only"}  # research/models/<package>/: every module is a family's.
+# research/models/<package>/: every module is a family's.
+FAMILY_PACKAGES = {"decoder_only", "encoder_decoder"}
 
 
 def test_registry_finds_families_by_model_type_name_and_config():
@@ -40,10 +41,10 @@ def test_registry_finds_families_by_model_type_name_and_config():
   assert families.family_of(mpnet.MPNetConfig.tiny()) is mpnet.FAMILY
   assert families.family_of(cnn.CnnConfig.tiny()) is cnn.FAMILY
   assert not cnn.FAMILY.has_hf_weights and "cnn" not in families.model_types()
-  with pytest.raises(ValueError, match=r"x\.json: unknown model_type 't5'"):
-    families.family_for("t5", "x.json")
-  registered = "'bert', 'mpnet', 'cnn', 'gpt2', 'llama', 'qwen2', 'gemma'"
-  with pytest.raises(ValueError, match=re.escape(f"registered: [{registered}]")):
+  with pytest.raises(ValueError, match=r"x\.json: unknown model_type 'xlnet'"):
+    families.family_for("xlnet", "x.json")
+  registered = "'bert', 'mpnet', 'cnn', 'gpt2', 'llama', 'qwen2', 'gemma', 't5'"
+  with pytest.raises(ValueError, match=re.escape(f"registered: [{registered}")):
     families.family_named("lstm")
   with pytest.raises(ValueError, match="already registered: name 'mpnet', model_type 'mpnet'"):
     families.register_family(Family("mpnet", dict, mpnet.MPNetEncoder, model_types=("mpnet",)))
@@ -53,7 +54,7 @@ def test_nothing_outside_the_family_modules_branches_on_a_family_name():
   """The seam holds: no ``model_type ==`` or family-name literal outside the family modules."""
   branch = re.compile(r"\b(family|model_type)\w*\s*(==|!=)|\b(family|model_type) in [(\[{]")
   literal = re.compile(
-    r"[\"'](bert|roberta|xlm-roberta|camembert|distilbert|electra|mpnet|cnn|gpt2|llama|qwen2|gemma)"
+    r"[\"'](bert|roberta|xlm-roberta|camembert|distilbert|electra|mpnet|cnn|gpt2|llama|qwen2|gemma|t5|mt5|umt5)"
     r"[\"']"
   )
   hits = []

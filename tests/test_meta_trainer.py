@@ -29,10 +29,12 @@ def tiny(arg: str = "tiny", **meta):
     "anil",
     pytest.param("maml", marks=pytest.mark.slow),
     pytest.param("reptile", marks=pytest.mark.slow),
+    pytest.param("imaml", marks=pytest.mark.slow),
   ],
 )
 def test_meta_trainer_tiny_runs_and_resumes_exactly(tmp_path, algorithm):
-  """ANIL in the default suite (its second-order graph is small); MAML and Reptile: -m slow."""
+  """ANIL in the default suite (its second-order graph is small); MAML, Reptile and iMAML
+  (``:tiny,algorithm=imaml``): -m slow."""
   full = tiny(algorithm=algorithm)
   results = trainer.train_and_evaluate(full, str(tmp_path / "full"))
   test = results["eval"]["banking77"]

@@ -69,3 +69,18 @@ def test_nf4_matmul_equals_the_dequantised_product_and_refuses_odd_sizes():
   assert float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)) < 0.15
   with pytest.raises(ValueError, match="not a multiple of the block 64"):
     pl.nf4_quantize(np.zeros((3, 5), np.float32))
+
+
+def test_nf4_traced_quantise_equals_the_host_one_and_codes_keep_the_shape():
+  """The jnp path (a model's jitted init) gives the numpy path's bytes; a kernel's codes are
+  ``[in, out/2]`` so a stored kernel still tells its shape (:func:`nf4_shape`)."""
+  rng = np.random.default_rng(2)
+  w = rng.normal(0, 0.02, (96, 48)).astype(np.float32)
+  host = pl.nf4_quantize(w)
+  traced = jax.jit(lambda v: pl.nf4_quantize(v, xp=jnp))(w)
+  assert host["codes"].shape == (96, 24) and pl.nf4_shape(host) == w.shape
+  for key, value in host.items():
+    assert traced[key].dtype == value.dtype and traced[key].shape == np.shape(value), key
+    np.testing.assert_array_equal(np.asarray(traced[key]), value, err_msg=key)
+  odd = pl.nf4_quantize(np.zeros((64, 3), np.float32))  # An odd last axis: flat codes.
+  assert odd["codes"].shape == (96,)

@@ -12,7 +12,7 @@ from research import optim, paths
 from research.models.config import EncoderConfig
 from research.models.encoder import Encoder
 from research.train import parallel
-from research.train.state import TrainState, build_model, init_fn
+from research.train.state import TrainState, build_model, init_fn, model_family
 from research.train.steps import make_train_step
 
 STEPS, BATCH, SEQ, VOCAB = 10, 16, 16, 512
@@ -63,13 +63,16 @@ def _train(mode, devices, fsdp, dropout, steps, dtype, platform):
   config.tasks.sst2.head.dropout = dropout
   config.parallel.update(mode=mode, fsdp=fsdp)
   config.model.dtype = dtype
-  model, _ = build_model(config, {"sst2": 2})
+  model, enc = build_model(config, {"sst2": 2})
   mesh = parallel.make_mesh(config.parallel, jax.devices(platform)[:devices])
   init = init_fn(model)
   rng = jax.random.key_data(jax.random.key(0))
   tx, _ = optim.build(config.optim, jax.eval_shape(init, rng), STEPS)
   create = lambda r: TrainState.create(init(r), tx, r)
-  shardings = parallel.state_shardings(jax.eval_shape(create, rng), mesh, config.parallel)
+  rules = model_family(config.model).sharding_rules
+  shardings = parallel.state_shardings(
+    jax.eval_shape(create, rng), mesh, config.parallel, rules, model_config=enc
+  )
   state = jax.jit(create, out_shardings=shardings)(rng)
   bsharding = parallel.batch_sharding(mesh)
   step = parallel.compile_train_step(
@@ -107,9 +110,10 @@ def test_parallel_modes_match_single_device_loss_curve(single, mode, fsdp):
 
 def test_fsdp_puts_one_eighth_of_each_large_kernel_on_each_device():
   _, state = train("jit", devices=8, fsdp=8)
-  kernel = state.params["encoder"]["layer_0"]["ffn"]["intermediate"]["kernel"]  # [32, 64]
+  # [32, 64]: the BERT rules put fsdp on the input dim (the output dim is the tensor axis's).
+  kernel = state.params["encoder"]["layer_0"]["ffn"]["intermediate"]["kernel"]
   assert len(kernel.addressable_shards) == 8
-  assert {s.data.shape for s in kernel.addressable_shards} == {(32, 8)}
+  assert {s.data.shape for s in kernel.addressable_shards} == {(4, 64)}
   big = 0
   for where, tree in (("params", state.params), ("opt_state", state.opt_state)):
     for path, leaf in paths.flatten(tree).items():

@@ -90,3 +90,17 @@ def test_results_step_time_counts_the_first_window_when_it_is_the_only_one(tmp_p
   assert results["step_time_s"] == pytest.approx(seg["train_s"] / 2)
   assert results["train_examples_per_sec"] == pytest.approx(16 / seg["train_s"])
   assert results["wall_s"] == seg["wall_s"] >= seg["train_s"] > 0
+
+
+def test_results_time_to_first_step(tmp_path):
+  """results.json holds time_to_first_step_s: from the process's start (here pytest's, before
+  this test) to the end of the first step, which falls between this test's start and its end."""
+  t0 = time.time()
+  results = loop.train_and_evaluate(
+    tiny_config(steps=2, log_every=1, checkpoint_every=0, eval_every=0), str(tmp_path)
+  )
+  written = json.loads((tmp_path / "results.json").read_text())
+  first = written["time_to_first_step_s"]
+  assert first == results["time_to_first_step_s"] == results["segments"][-1]["time_to_first_step_s"]
+  started = segments_lib.process_start_time(0.0)
+  assert isinstance(first, float) and t0 - started < first < time.time() - started

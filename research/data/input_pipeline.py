@@ -38,7 +38,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from research.data import batching, iterators, registry, sources, tokenize
+from research.data import batching, iterators, packing, registry, sources, tokenize
 
 _MEMORY_CACHE: dict[str, tokenize.Tokenized] = {}
 _CACHE_LOCK = threading.Lock()
@@ -171,7 +171,17 @@ class DataIterator(iterators.GrainIterator):
     self._plans: dict[int, np.ndarray] = {}
     self._plan_lock = threading.Lock()
     self.num_examples = len(tok)
-    if train:
+    # Packed training rows (research.data.packing): fixed by the seed, shuffled per epoch.
+    self._packed: np.ndarray | None = None
+    if train and data_cfg.get("packing", False):
+      width = batching.bucket_of(data_cfg.max_length, self._buckets)
+      self._packed = packing.pack(tok.lengths, width, data_cfg.packing_max_per_row, seed)
+      num_batches = len(self._packed) // batch_size
+      if num_batches == 0:
+        raise ValueError(
+          f"{data_cfg.name}[{split}]: {len(self._packed)} packed rows < batch_size {batch_size}."
+        )
+    elif train:
       num_batches = self.num_examples // batch_size
       if num_batches == 0:
         raise ValueError(
@@ -192,6 +202,8 @@ class DataIterator(iterators.GrainIterator):
       buckets=list(self._buckets),
       pool_batches=self._pool_batches if train else 0,
     )
+    if self._packed is not None:  # Only when on, so unpacked checkpoints keep their state.
+      fingerprint.update(packing=True, packing_max_per_row=data_cfg.packing_max_per_row)
     super().__init__(
       self._make_batch,
       num_batches=num_batches,
@@ -209,9 +221,12 @@ class DataIterator(iterators.GrainIterator):
     with self._plan_lock:
       plan = self._plans.get(epoch)
       if plan is None:
-        plan = batching.train_plan(
-          self._tok.lengths, self._batch_size, self._seed, epoch, self._pool_batches
-        )
+        if self._packed is not None:  # Row indices into self._packed.
+          plan = packing.epoch_plan(len(self._packed), self._batch_size, self._seed, epoch)
+        else:
+          plan = batching.train_plan(
+            self._tok.lengths, self._batch_size, self._seed, epoch, self._pool_batches
+          )
         self._plans[epoch] = plan
         for old in sorted(self._plans)[:-4]:
           if old != epoch:
@@ -220,11 +235,21 @@ class DataIterator(iterators.GrainIterator):
 
   def planned_padding_fraction(self, epoch: int = 0) -> float:
     """Fraction of padded token slots over all batches of an epoch (real rows only)."""
+    if self._packed is not None:
+      plan = self._plan(epoch)
+      lengths = packing.row_lengths(self._tok.lengths, self._packed)
+      padded = sum(batching.bucket_of(int(lengths[b].max()), self._buckets) * len(b) for b in plan)
+      return 1.0 - float(lengths[plan].sum()) / max(padded, 1)
     return batching.padding_fraction(self._tok, self._plan(epoch), self._buckets)
 
   def _make_batch(self, index: int) -> dict[str, np.ndarray]:
     epoch, j = divmod(index, self.num_batches)
     rows = self._plan(epoch)[j]
+    if self._packed is not None:  # Global rows' bucket, so every process pads alike.
+      packed = self._packed[rows]
+      lengths = packing.row_lengths(self._tok.lengths, packed)
+      length = batching.bucket_of(int(lengths.max()), self._buckets)
+      return packing.assemble(self._tok, packed[self._slice], length)
     length = batching.padded_length(self._tok, rows, self._buckets)
     return batching.assemble(self._tok, rows[self._slice], int(rows[0]), length)
 

@@ -36,6 +36,8 @@ class PaddingStats:
     self.shapes.add(ids.shape)
     mask = batch.get(f"{prefix}example_mask")
     real = mask > 0 if mask is not None else np.ones(ids.shape[:-1], bool)
+    if real.ndim == 2:  # Packed rows (research.data.packing): a row is real if it holds one.
+      real = real.any(axis=1)
     for key in ("attention_mask", "decoder_attention_mask"):
       if f"{prefix}{key}" in batch:
         self.real_tokens += int(batch[f"{prefix}{key}"][real].sum())

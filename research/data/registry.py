@@ -30,6 +30,11 @@ Fields of ``data_cfg`` (every data set has all of them, so overrides are typo-ch
   bucket). ``buckets[-1]`` must be >= ``max_length`` (and ``target_max_length``).
 - ``pool_batches``: training batches are formed from pools of ``pool_batches * batch_size``
   shuffled examples sorted by length (less padding; more = less padding, less randomness).
+- ``packing``: training batches lay several examples end to end in each row, kept apart by
+  segment ids (research.data.packing); ``train.batch_size`` then counts rows. Rows are as wide
+  as the smallest bucket holding ``max_length``. Evaluation is never packed.
+- ``packing_max_per_row``: the most examples one packed row holds (K: per-example batch fields
+  and outputs are ``[rows, K]``).
 - ``num_threads``, ``prefetch``: grain read threads and prefetch buffer (batches).
 - ``cache_tokenized``: keep tokenized splits as ``.npz`` under ``<data_dir>/tokenized``.
 - ``few_shot.run``: intent sets: which published class split (``'01'``..``'05'``) the episode
@@ -68,6 +73,8 @@ def _base() -> dict[str, Any]:
     target_max_length=128,
     buckets=_BUCKETS,
     pool_batches=64,
+    packing=False,
+    packing_max_per_row=16,
     num_threads=2,
     prefetch=4,
     cache_tokenized=True,
@@ -228,6 +235,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 2:
     raise ValueError(f"data_cfg.buckets={buckets} must be strictly increasing lengths >= 2.")
   check_bucket_limit(cfg, cfg.max_length, "max_length")
+  if cfg.get("packing", False) and cfg.get("packing_max_per_row", 1) < 1:
+    raise ValueError(f"data_cfg.packing_max_per_row={cfg.packing_max_per_row} must be >= 1.")
 
 
 def check_bucket_limit(cfg: ml_collections.ConfigDict, limit: int, field: str) -> None:

@@ -94,6 +94,7 @@ def special_ids(tokenizer: Any) -> dict[str, int]:
   return {"pad": int(pad), "bos": int(bos), "eos": int(eos)}
 
 
+SPECIAL_NAMES = ("pad", "bos", "eos", "cls", "sep", "unk")
 _FINGERPRINTS: weakref.WeakKeyDictionary[Any, tuple[int, str]] = weakref.WeakKeyDictionary()
 
 
@@ -115,16 +116,22 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     h.update(json.dumps(state, sort_keys=True).encode())
   else:
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-  h.update(json.dumps(special_ids(tokenizer), sort_keys=True).encode())
+  # Every special id the tokenizer has (a T5 tokenizer has no bos or cls: None, not an error).
+  specials = {k: getattr(tokenizer, f"{k}_token_id", None) for k in SPECIAL_NAMES}
+  h.update(json.dumps(specials, sort_keys=True).encode())
   digest = h.hexdigest()[:16]
   with contextlib.suppress(TypeError):
     _FINGERPRINTS[tokenizer] = (len(tokenizer), digest)
   return digest
 
 
-def run_tokenizer(tokenizer: Any, *args: Any, **kwargs: Any) -> Any:
-  """The fast tokenizer's encoding of ``args`` with token type ids, without attention masks."""
-  if not getattr(tokenizer, "is_fast", False):
+def run_tokenizer(tokenizer: Any, *args: Any, slow_ok: bool = False, **kwargs: Any) -> Any:
+  """The fast tokenizer's encoding of ``args`` with token type ids, without attention masks.
+
+  ``slow_ok`` admits a Python tokenizer where nothing needs a fast one's offsets or word ids
+  (seq2seq text: Opus-MT's SentencePiece tokenizers exist only as Python tokenizers).
+  """
+  if not slow_ok and not getattr(tokenizer, "is_fast", False):
     raise TypeError(f"A fast tokenizer is required, got {type(tokenizer).__name__}.")
   return tokenizer(*args, return_attention_mask=False, return_token_type_ids=True, **kwargs)
 

@@ -1,4 +1,4 @@
-"""MAML, FOMAML, ANIL, Reptile, Meta-SGD, ProtoNet and fine-tuning on one episode of a TaskModel.
+"""MAML, FOMAML, ANIL, iMAML, Reptile, Meta-SGD, ProtoNet and fine-tuning on one episode.
 
 A :class:`MetaLearner` holds the model, the head (task) that classifies an episode's ``n_way``
 classes, and the algorithm's settings. Its per-episode functions take the parameter tree
@@ -9,6 +9,11 @@ no leading episode axis); research.meta.steps ``vmap``-s them over a batch of ep
   the support set with :func:`research.meta.inner.sgd_adapt` and returns the query loss; its
   gradient is the meta-gradient (second order unless ``first_order``). ANIL is MAML whose inner
   paths are the head's: the encoder then runs once per episode, outside the inner loop.
+- ``imaml`` (Rajeswaran et al. 2019): the inner loop minimises the support loss plus
+  ``imaml.lam/2 |phi - theta|^2`` (:func:`research.meta.inner.proximal_adapt`) and the
+  meta-gradient is implicit, ``(I + H/lam)^-1`` of the query gradient by conjugate gradient: no
+  backpropagation through the inner steps, so their number does not cost memory. The same
+  proximal loop adapts at evaluation.
 - ``reptile``: :meth:`MetaLearner.reptile_direction` is ``params - adapted`` on the episode's
   examples, which the outer optimizer takes as its gradient (outer SGD with lr ``eps`` gives
   Reptile's ``params + eps * (adapted - params)``).
@@ -25,6 +30,7 @@ or ``'proto'`` (Proto-MAML: rows ``2 c_k``, bias ``-|c_k|^2`` from the support p
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -35,7 +41,7 @@ from research.meta import inner
 from research.models.heads import pool
 from research.models.task_model import TaskModel
 
-ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "protonet", "finetune")
+ALGORITHMS = ("maml", "fomaml", "anil", "imaml", "reptile", "protonet", "finetune")
 HEAD_INITS = ("learned", "zeros", "proto")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 Episode = dict[str, jax.Array]
@@ -59,6 +65,8 @@ class Settings:
   finetune_steps: int
   finetune_lr: float
   finetune_head_init: str
+  imaml_lam: float = 1.0
+  imaml_cg_steps: int = 5
 
   def __post_init__(self):
     if self.algorithm not in ALGORITHMS:
@@ -67,6 +75,11 @@ class Settings:
       raise ValueError(f"meta.episode_loop={self.episode_loop!r}: expected 'vmap' or 'scan'")
     if self.hvp not in ("reverse", "forward"):
       raise ValueError(f"meta.hvp={self.hvp!r}: expected 'reverse' or 'forward'")
+    if self.algorithm == "imaml" and (self.meta_sgd or self.imaml_lam <= 0):
+      raise ValueError(
+        "meta.algorithm='imaml' needs meta.imaml.lam > 0 and learns no inner learning rates "
+        f"(meta_sgd={self.meta_sgd}, lam={self.imaml_lam})"
+      )
     for name in ("head_init", "finetune_head_init"):
       if getattr(self, name) not in HEAD_INITS:
         raise ValueError(f"meta.{name}={getattr(self, name)!r}: expected one of {HEAD_INITS}")
@@ -86,7 +99,7 @@ def default_config() -> dict[str, Any]:
   """The ``config.meta`` fields with defaults (experiment configs override); the one place
   they are written: :func:`settings_from_config` reads every field."""
   return dict(
-    algorithm="maml",  # maml | fomaml | anil | reptile | protonet | finetune
+    algorithm="maml",  # maml | fomaml | anil | imaml | reptile | protonet | finetune
     inner=(),  # path regexes that adapt in the inner loop; () = the algorithm's default
     inner_steps=5,
     inner_lr=0.01,
@@ -106,6 +119,8 @@ def default_config() -> dict[str, Any]:
     test_episodes=600,
     test_seed=1234,
     finetune=dict(steps=20, lr=1e-4, head_init="zeros"),
+    # iMAML: proximal strength and conjugate-gradient steps of the implicit meta-gradient.
+    imaml=dict(lam=1.0, cg_steps=5),
   )
 
 
@@ -128,6 +143,8 @@ def settings_from_config(meta_cfg: Any) -> Settings:
     finetune_steps=meta_cfg.finetune.steps,
     finetune_lr=meta_cfg.finetune.lr,
     finetune_head_init=meta_cfg.finetune.head_init,
+    imaml_lam=meta_cfg.imaml.lam,
+    imaml_cg_steps=meta_cfg.imaml.cg_steps,
   )
 
 
@@ -145,10 +162,18 @@ def model_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 class MetaLearner:
-  """Per-episode losses and evaluations of one algorithm on one TaskModel head."""
+  """Per-episode losses and evaluations of one algorithm on one TaskModel head.
 
-  def __init__(self, model: TaskModel, task: str, settings: Settings):
+  ``frozen``: paths of the parameters the outer optimizer never moves (``optim.freeze`` /
+  ``optim.trainable``, e.g. the base weights under a LoRA inner loop). The meta-step stops their
+  gradient, so the meta-gradient is not computed for them at all: with a frozen encoder
+  only the LoRA/head cotangents flow back, not the base weights' (the memory of a
+  base-size second-order step).
+  """
+
+  def __init__(self, model: TaskModel, task: str, settings: Settings, frozen: Iterable[str] = ()):
     self.model, self.task, self.s = model, task, settings
+    self.frozen = frozenset(frozen)
     self.encoder = model.encoder_module()
     self.head = model.head_module(task)
     self.head_config = self.head.config
@@ -202,6 +227,16 @@ class MetaLearner:
       loss_fn = lambda w: cross_entropy(
         self._forward(inner.merge(w, rest), episode, prefix), labels
       )
+    if self.s.algorithm == "imaml":
+      fast, losses = inner.proximal_adapt(
+        loss_fn,
+        fast,
+        self.s.inner_lr,
+        steps,
+        lam=self.s.imaml_lam,
+        cg_steps=self.s.imaml_cg_steps,
+      )
+      return inner.merge(fast, rest), losses
     lrs = inner.fast_lrs(params, fast, self.s.inner_lr)
     fast, losses = inner.sgd_adapt(
       loss_fn,

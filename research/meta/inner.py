@@ -14,6 +14,10 @@ differentiate the scanned inner gradients (reverse-over-reverse: every step's fo
 backward activations are stored for the meta-gradient); ``'forward'`` gives each inner step a
 custom VJP that recomputes the step and takes its Hessian-vector products forward-over-reverse
 (``jax.jvp`` of ``jax.grad``), storing only the weights per step. Both are exact.
+:func:`proximal_adapt` is iMAML's loop (Rajeswaran et al. 2019): SGD on the support loss plus
+``lam/2 |phi - theta|^2``, never differentiated through; its custom VJP is the implicit gradient
+of the proximal solution, ``(I + H/lam)^-1 v`` by conjugate gradient, so the meta-gradient's
+memory does not grow with the inner steps.
 :func:`optax_adapt` is the fine-tuning baseline's loop (any optax optimizer, no meta-gradient).
 """
 
@@ -173,6 +177,124 @@ def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 _sgd_step.defvjp(_sgd_step_fwd, _sgd_step_bwd, symbolic_zeros=True)
+
+
+def proximal_adapt(
+  loss_fn: LossFn, fast: Flat, lr: float, steps: int, *, lam: float, cg_steps: int
+) -> tuple[Flat, jax.Array]:
+  """iMAML's inner loop: ``steps`` SGD steps on ``loss_fn(phi) + lam/2 |phi - fast|^2`` from
+  ``fast``, with the implicit meta-gradient as its VJP.
+
+  The loop is not differentiated (no activations of any step are kept); the backward pass
+  treats the result as the exact minimiser ``phi*`` of the proximal objective and returns
+  ``g = (I + H/lam)^-1 v`` for ``fast`` (``v``: the cotangent of ``phi``, usually the query
+  loss gradient; ``H``: the Hessian of ``loss_fn`` at ``phi``), solved by ``cg_steps`` steps of
+  conjugate gradient from ``g = v`` (0 steps: the first-order approximation), with
+  Hessian-vector products by ``jax.jvp`` of ``jax.grad``. Everything ``loss_fn`` closes over
+  that is differentiated (parameters kept fixed in the loop, a prototype head's features) gets
+  ``-H_cp g / lam``, the implicit function theorem's other term. The gradient is exact only as
+  far as the loop converged: ``steps`` and ``lr`` should bring the proximal objective (strongly
+  convex for a large enough ``lam``) close to its minimum.
+
+  Args:
+    loss_fn: ``fast -> scalar`` (the support loss; closes over the fixed parameters).
+    fast: the adapted parameters' starting point ``theta``, a flat ``{path: array}`` dict.
+    lr: the inner SGD learning rate.
+    steps: inner steps (0 returns ``fast``, whose gradient is then ``(I + H/lam)^-1 v``).
+    lam: the proximal strength (> 0).
+    cg_steps: conjugate-gradient iterations of the backward solve.
+
+  Returns:
+    ``(phi, [steps] support losses before each step)``; the losses carry no gradient.
+
+  Raises:
+    ValueError: ``lam <= 0`` or negative ``steps`` / ``cg_steps``.
+  """
+  if lam <= 0 or steps < 0 or cg_steps < 0:
+    raise ValueError(
+      f"iMAML needs lam > 0 and steps, cg_steps >= 0; got {lam}, {steps}, {cg_steps}"
+    )
+  converted, floats, ints = _hoist_closure(loss_fn, fast)
+  opts = (float(lr), int(steps), float(lam), int(cg_steps))
+  phi, losses = _proximal(converted, opts, fast, floats, ints)
+  return phi, jax.lax.stop_gradient(losses)
+
+
+def _proximal_loop(loss_fn: Callable, opts: tuple, theta: Flat, floats: tuple, ints: tuple):
+  lr, steps, lam, _ = opts
+
+  def step(w: Flat, _):
+    loss, grads = jax.value_and_grad(loss_fn)(w, floats, ints)
+    cast = lambda x, k: jnp.asarray(x, w[k].dtype)
+    w = {k: w[k] - cast(lr, k) * (grads[k] + cast(lam, k) * (w[k] - theta[k])) for k in w}
+    return w, loss
+
+  if steps == 0:
+    return theta, jnp.zeros([0], jnp.float32)
+  return jax.lax.scan(step, theta, None, length=steps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _proximal(loss_fn: Callable, opts: tuple, theta: Flat, floats: tuple, ints: tuple):
+  """``(phi, losses)`` of the proximal loop; VJP: the implicit gradient (proximal_adapt)."""
+  return _proximal_loop(loss_fn, opts, theta, floats, ints)
+
+
+def _proximal_fwd(loss_fn, opts, theta, floats, ints):
+  phi, losses = _proximal_loop(loss_fn, opts, theta, floats, ints)
+  return (phi, losses), (phi, floats, ints)
+
+
+def _proximal_bwd(loss_fn, opts, residuals, cotangents):
+  """``theta`` gets ``g = (I + H_pp/lam)^-1 v``; ``floats`` get ``-H_cp g / lam`` (from
+  ``grad_p L(phi*, c) + lam (phi* - theta) = 0``); the losses' cotangent is ignored (the
+  public function stops their gradient)."""
+  phi, floats, ints = residuals
+  v, _ = cotangents
+  lam, cg_steps = opts[2], opts[3]
+  grad_w = jax.grad(lambda w: loss_fn(w, floats, ints))
+
+  def matvec(x: Flat) -> Flat:  # (I + H/lam) x, H at phi over the fast weights only.
+    hx = jax.jvp(grad_w, (phi,), (x,))[1]
+    return {k: x[k] + hx[k] / jnp.asarray(lam, x[k].dtype) for k in x}
+
+  g = conjugate_gradient(matvec, v, cg_steps)
+  grad_both = jax.grad(lambda w, c: loss_fn(w, c, ints), argnums=(0, 1))
+  zeros = jax.tree.map(jnp.zeros_like, floats)
+  _, (_, h_c) = jax.jvp(grad_both, (phi, floats), (g, zeros))
+  floats_ct = tuple(-h / jnp.asarray(lam, h.dtype) for h in h_c)
+  ints_ct = tuple(np.zeros(jnp.shape(i), jax.dtypes.float0) for i in ints)
+  return g, floats_ct, ints_ct
+
+
+_proximal.defvjp(_proximal_fwd, _proximal_bwd)
+
+
+def conjugate_gradient(matvec: Callable[[Flat], Flat], b: Flat, iters: int) -> Flat:
+  """``iters`` steps of conjugate gradient on ``matvec(x) = b`` (symmetric positive definite),
+  from ``x = b``: iMAML's ``I + H/lam`` is close to the identity, so ``b`` is already a good
+  guess. A fixed count (no tolerance test) keeps the solve one static loop under ``vmap``."""
+  dot = lambda a, c: sum(jnp.vdot(a[k], c[k]).astype(jnp.float32) for k in a)
+  ax = matvec(b)
+  r = {k: b[k] - ax[k] for k in b}
+  rs = dot(r, r)
+
+  def body(carry, _):
+    x, r, p, rs = carry
+    ap = matvec(p)
+    pap = dot(p, ap)
+    alpha = jnp.where(pap > 0, rs / jnp.where(pap > 0, pap, 1.0), 0.0)
+    x = {k: x[k] + alpha.astype(x[k].dtype) * p[k] for k in x}
+    r = {k: r[k] - alpha.astype(r[k].dtype) * ap[k] for k in r}
+    rs_new = dot(r, r)
+    beta = jnp.where(rs > 0, rs_new / jnp.where(rs > 0, rs, 1.0), 0.0)
+    p = {k: r[k] + beta.astype(r[k].dtype) * p[k] for k in r}
+    return (x, r, p, rs_new), None
+
+  if iters == 0:
+    return b
+  (x, *_), _ = jax.lax.scan(body, (b, r, r, rs), None, length=iters)
+  return x
 
 
 def optax_adapt(

@@ -7,8 +7,11 @@ donated. The per-episode objective is ``vmap``-ped over the episodes and average
 ``meta.episode_loop='scan'``, run one episode after the other: the fast weights then exist once,
 not once per episode: ~1/E of the memory, and on CPU 0.73x the time of the vmapped second-order
 step at research.bench.maml's shape); the outer
-optimizer is the run's optax chain (same freeze masks as fine-tuning). A step whose loss or
-meta-gradient is not finite is skipped, as in ordinary training.
+optimizer is the run's optax chain (same freeze masks as fine-tuning); the leaves it freezes
+(``MetaLearner.frozen``) have their gradient stopped inside the objective, so no meta-gradient is
+computed for them. A step whose loss or meta-gradient is not finite is skipped, as in ordinary
+training. Under the mesh the episode axis is the batch axis: each device adapts its own
+episodes and XLA all-reduces the meta-gradient (tests/test_meta_sharded.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from research import paths
 from research.meta.algorithms import MetaLearner
 from research.train.state import TrainState
 from research.train.steps import apply_if_finite
@@ -33,12 +37,14 @@ def meta_gradient(learner: MetaLearner, params: Any, batch: Batch) -> tuple[Any,
   episode); Reptile averages ``params - adapted`` over the episodes.
   """
   mean = lambda t: jax.tree.map(lambda x: jnp.mean(x, 0), t)
+  # Inside the differentiated function, so autodiff never builds the frozen leaves' cotangents.
+  query_loss = lambda p, episode: learner.query_loss(stop_frozen(p, learner.frozen), episode)
   if learner.s.algorithm == "reptile":
     per_episode = learner.reptile_direction
   else:
 
     def per_episode(p, episode):
-      (_, aux), grads = jax.value_and_grad(learner.query_loss, has_aux=True)(p, episode)
+      (_, aux), grads = jax.value_and_grad(query_loss, has_aux=True)(p, episode)
       return grads, aux
 
   if learner.s.episode_loop == "scan":  # One episode at a time: shared weights, 1/E memory.
@@ -56,11 +62,21 @@ def meta_gradient(learner: MetaLearner, params: Any, batch: Batch) -> tuple[Any,
     return mean(directions), mean(aux)
 
   def objective(p):
-    losses, aux = jax.vmap(learner.query_loss, in_axes=(None, 0))(p, batch)
+    losses, aux = jax.vmap(query_loss, in_axes=(None, 0))(p, batch)
     return jnp.mean(losses), mean(aux)
 
   (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
   return grads, aux
+
+
+def stop_frozen(params: Any, frozen: frozenset[str]) -> Any:
+  """``params`` with the gradient of the ``frozen`` paths stopped: autodiff then skips their
+  cotangents (they get exact zeros, which the optimizer's freeze mask ignores anyway)."""
+  if not frozen:
+    return params
+  return paths.map_with_path(
+    lambda path, x: jax.lax.stop_gradient(x) if path in frozen else x, params
+  )
 
 
 def make_meta_step(

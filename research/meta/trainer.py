@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from research import optim, paths
 from research.data import episodes as episodes_lib
 from research.meta import inner
 from research.meta.algorithms import MetaLearner, settings_from_config
 from research.meta.steps import make_eval_step, make_meta_step
-from research.train import loop, parallel
+from research.train import loop, parallel, setup
 from research.train.loop import train_and_evaluate
 from research.train.state import build_model, init_fn
 from research.train.trainer import tokenizer_of
@@ -192,12 +193,17 @@ class MetaProgram(loop.Program):
     self.train_it = episode_iterator(config, self.tokenizer, "train", config.seed, None)
     self.valid_it(), self.test_it()
     model, _ = build_model(config, {self.task: meta.n_way})
-    self.learner = MetaLearner(model, self.task, self.settings)
+    self.model_init = init_fn(model)
+    # The meta-gradient is computed only for what the outer optimizer moves (optim.freeze /
+    # optim.trainable, or model.peft's rules): a LoRA inner loop leaves the base weights frozen.
+    abstract = jax.eval_shape(self.init_params, jax.random.key_data(jax.random.key(0)))
+    labels = paths.flatten(optim.freeze_labels(setup.optim_config(config), abstract))
+    frozen = [p for p, label in labels.items() if label == optim.FROZEN]
+    self.learner = MetaLearner(model, self.task, self.settings, frozen=frozen)
     parallel.check_batch_size(meta.episodes_per_batch, run.mesh, "meta.episodes_per_batch")
     parallel.check_batch_size(
       meta.eval_episodes_per_batch, run.mesh, "meta.eval_episodes_per_batch"
     )
-    self.model_init = init_fn(model)
     self.steps = int(config.train.steps) if self.settings.meta_trains else 0
     self.best_metric = f"{self.task}/accuracy"
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from research.models.config import HF_CONFIG_KEYS, EncoderConfig, hf_getter
 from research.models.encoder import Encoder
-from research.models.family import Family, leaf_names
+from research.models.family import ENCODER_SHARDING, Family, leaf_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,5 +203,6 @@ FAMILY = Family(
   legacy_names=legacy_names,
   base_prefixes=BASE_PREFIXES,
   buffers=BUFFERS,
+  sharding_rules=ENCODER_SHARDING,
   tiny=EncoderConfig.tiny,
 )

@@ -1,4 +1,5 @@
-"""Numerics every model module shares: activations, initialisers, dropout and fp32 LayerNorm.
+"""Numerics every model module shares: activations, initialisers, dropout, fp32 LayerNorm and
+attention.
 
 The encoder, the decoder, the heads and the PEFT layers all build on these. They live in one
 module below all of them so that no model module has to import another for a helper (the
@@ -8,11 +9,17 @@ Speed notes (the train step spends its time here, measured on CPU and kept cheap
 exact GELU uses ``erf`` (XLA lowers ``erfc`` far more expensively); dropout masks come from a
 counter-based hash of the element index instead of threefry (see :func:`dropout`), which is
 several times cheaper and gives the same masks however the batch is sharded.
+
+Attention (:func:`attention`) is one function for every model (encoders, MPNet's relative
+bias, the seq2seq decoder and its cache, the decoder-only families with grouped keys/values) so
+that the kernel is chosen in one place: ``jax.nn.dot_product_attention`` with XLA's kernel, or
+cuDNN's fused one on a GPU in bf16/fp16.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -92,3 +99,193 @@ def layer_norm(x: Array, eps: float, dtype: Dtype, param_dtype: Dtype, name: str
   """
   y = nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name)(x)
   return y.astype(dtype)
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+ATTENTION_ENV = (
+  "RESEARCH_ATTENTION"  # auto (default) | xla | cudnn: the kernel :func:`attention` uses.
+)
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def attention_implementation(requested: str | None = None) -> str:
+  """The implementation :func:`attention` is asked for: ``requested``, else ``$RESEARCH_ATTENTION``,
+  else ``'auto'``.
+
+  Raises:
+    ValueError: a name outside :data:`IMPLEMENTATIONS`.
+  """
+  name = (requested or os.environ.get(ATTENTION_ENV, "") or "auto").strip().lower()
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"attention implementation {name!r} (${ATTENTION_ENV}?): expected one of {IMPLEMENTATIONS}"
+    )
+  return name
+
+
+def _cudnn_fits(q: Array, k: Array, biased: bool = False) -> bool:
+  """Whether cuDNN's fused attention can take these inputs: a GPU, fp16/bf16, a head dim that
+  is a multiple of 8 and at most 128 (256 from Hopper on; 128 keeps one answer for every GPU),
+  at least two queries (a decoding step is a matrix-vector product that the fused kernel does
+  not speed up) and, with a bias or mask (``biased``), even query and key lengths.
+
+  jax checks the same at trace time, but its training-time check (even lengths with a bias)
+  runs in the custom VJP's forward rule, which under ``jax.checkpoint`` (remat) is traced after
+  this call has returned, too late to fall back to XLA; so they are checked here first.
+  """
+  even = not biased or (q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+  return even and (
+    jax.default_backend() == "gpu"
+    and q.dtype in _CUDNN_DTYPES
+    and k.dtype == q.dtype
+    and q.shape[-1] % 8 == 0
+    and q.shape[-1] <= 128
+    and q.shape[1] > 1
+  )
+
+
+def _as_4d(t: Array | None, name: str) -> Array | None:
+  """``t`` with leading axes added up to [B|1, N|1, T|1, S] (bias and mask may come 2- or 3-D)."""
+  if t is None:
+    return None
+  if t.ndim > 4:
+    raise ValueError(f"attention {name} of shape {t.shape}: expected at most 4 axes [B, N, T, S]")
+  return t.reshape((1,) * (4 - t.ndim) + t.shape)
+
+
+def attention(
+  q: Array,
+  k: Array,
+  v: Array,
+  *,
+  mask: Array | None = None,
+  bias: Array | None = None,
+  scale: float | None = None,
+  implementation: str | None = None,
+  weights_dropout: Callable[[Array], Array] | None = None,
+) -> Array:
+  """Softmax attention ``softmax(q k^T * scale + bias, masked) v`` through
+  ``jax.nn.dot_product_attention``: the one attention every model module calls.
+
+  Numerics whatever the input dtype: logits, bias and softmax in fp32 (bf16 inputs get fp32
+  accumulation), the weights cast back to the inputs' dtype for the product with ``v``. A
+  masked logit gets a large finite negative value, so a row with nothing to attend to (a padded
+  query) gets uniform weights, not NaNs; its output is padding and ignored downstream.
+
+  Kernel (``implementation``, else ``$RESEARCH_ATTENTION``, else ``'auto'``): ``'auto'`` takes
+  cuDNN's fused flash attention on a GPU when the inputs suit it (fp16/bf16, head dim a multiple
+  of 8 up to 128, more than one query, even lengths when masked) and XLA's otherwise (CPU, TPU,
+  fp32, decoding steps); if jax refuses a shape for cuDNN at trace time, XLA's is used.
+  ``'xla'`` and ``'cudnn'`` force one (``'cudnn'`` raises where it cannot run).
+  ``weights_dropout``, a function applied to the attention weights (training with attention
+  dropout), cannot be expressed through ``jax.nn.dot_product_attention``: that case runs the
+  same fp32 computation written out, with the dropout between the softmax and the product with
+  ``v``.
+
+  Args:
+    q: queries [B, T, N, H].
+    k, v: keys and values [B, S, K, H], K dividing N (grouped-query attention when K < N: each
+      key/value head serves N/K consecutive query heads, as jax and transformers group them).
+    mask: boolean (or 0/1) [B|1, N|1, T|1, S], or fewer leading axes; True attends.
+    bias: additive, broadcastable to [B, N, T, S] the same way (a relative position bias).
+    scale: the logits' scale; None is ``1 / sqrt(H)``.
+    implementation: 'auto', 'xla' or 'cudnn' (None: the environment's or 'auto').
+    weights_dropout: applied to the fp-cast weights before the product with ``v``.
+
+  Returns:
+    [B, T, N, H] in the dtype of ``v``.
+  """
+  mask = _as_4d(mask, "mask")
+  bias = _as_4d(bias, "bias")
+  if mask is not None and mask.dtype != jnp.bool_:
+    mask = mask.astype(jnp.bool_)
+  scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+  if weights_dropout is not None:
+    return _attention_written_out(q, k, v, mask, bias, scale, weights_dropout)
+  name = attention_implementation(implementation)
+  biased = mask is not None or bias is not None
+  if name == "cudnn" or (name == "auto" and _cudnn_fits(q, k, biased)):
+    try:
+      return _attention_cudnn(q, k, v, mask, bias, scale)
+    except (NotImplementedError, ValueError, RuntimeError):  # Shape, dtype or cuDNN version.
+      if name == "cudnn":
+        raise
+  if bias is not None:
+    bias = bias.astype(jnp.float32)  # Joins the fp32 logits.
+  return jax.nn.dot_product_attention(
+    q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla"
+  )
+
+
+def _attention_cudnn(
+  q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None, scale: float
+) -> Array:
+  """cuDNN's kernel. It takes one bias of the inputs' dtype spanning the whole [T, S], so the
+  mask folds into it and both are broadcast there. A masked logit gets jax's own cuDNN mask
+  value (-2**41 in bf16, -2**15 in fp16: jax works around a cuDNN bug with large negative
+  differences). The bias is clipped there too, so that an fp32 bias already holding a mask
+  (fp32's finfo.min, infinite in fp16/bf16) or bias plus mask stays finite."""
+  t, s = q.shape[1], k.shape[1]
+  neg = jnp.float32(-(2.0**41) if q.dtype == jnp.bfloat16 else -(2.0**15))
+  total = None
+  if bias is not None:
+    total = bias.astype(jnp.float32)
+  if mask is not None:
+    masked = jnp.where(mask, jnp.float32(0.0), neg)
+    total = masked if total is None else total + masked
+  if total is not None:
+    total = jnp.maximum(total, neg)
+    total = jnp.broadcast_to(total, (*total.shape[:2], t, s)).astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=total, scale=scale, implementation="cudnn")
+
+
+def _attention_written_out(
+  q: Array,
+  k: Array,
+  v: Array,
+  mask: Array | None,
+  bias: Array | None,
+  scale: float,
+  weights_dropout: Callable[[Array], Array],
+) -> Array:
+  """jax's XLA attention (its ``_dot_product_attention_core``) with dropout on the weights."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  group = lambda x: None if x is None else _grouped(x, kv_heads, n // kv_heads)
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(scale)
+  if bias is not None:
+    logits = logits + group(bias).astype(jnp.float32)
+  if mask is not None:
+    neg = jnp.float32(-0.7 * float(np.finfo(np.float32).max))
+    logits = jnp.where(group(mask), logits, neg)
+  weights = weights_dropout(jax.nn.softmax(logits, axis=-1).astype(v.dtype))
+  out = jnp.einsum("bkgts,bskh->btkgh", weights, v)
+  return out.reshape(b, t, n, h)
+
+
+def _grouped(x: Array, kv_heads: int, groups: int) -> Array:
+  """A [B|1, N|1, T|1, S] bias or mask as [B|1, K|1, G|1, T|1, S] for grouped heads."""
+  if x.shape[1] == 1:
+    return x[:, :, None]
+  return x.reshape(x.shape[0], kv_heads, groups, *x.shape[2:])
+
+
+def gather_beams(x: Array, index: Array) -> Array:
+  """``x[b, index[b, j]]`` for ``x [B, K, ...]`` and ``index [B, J]``: beam search's selection
+  of hypotheses (research.models.decoding, research.models.encoder_decoder.core)."""
+  index = index.reshape(*index.shape, *([1] * (x.ndim - 2)))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def reorder_beams(state: Any, beams: Array, k: int) -> Any:
+  """Rows of a ``[B*k, ...]`` state pytree (a decoder's cache) reordered to follow the beams
+  ``[B, k]`` the search kept."""
+
+  def one(x):
+    return gather_beams(x.reshape(-1, k, *x.shape[1:]), beams).reshape(x.shape)
+
+  return jax.tree.map(one, state)

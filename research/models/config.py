@@ -22,6 +22,7 @@ from research import paths
 
 PEFT_METHODS = ("none", "lora", "adapters", "bitfit")
 PEFT_PLACEMENTS = ("houlsby", "pfeiffer")
+PEFT_QUANTIZE = ("none", "nf4")  # Storage of the frozen base under LoRA (nf4: QLoRA).
 # The adapter submodules of each encoder layer, by placement.
 ADAPTER_MODULES = {"houlsby": ("attention_adapter", "ffn_adapter"), "pfeiffer": ("ffn_adapter",)}
 
@@ -37,6 +38,10 @@ class PeftConfig:
     lora_targets: regexes over module paths such as ``encoder/layer_3/attention/query``.
     adapter_size: bottleneck width of each adapter.
     adapter_placement: 'houlsby' (after attention and FFN) or 'pfeiffer' (after FFN only).
+    use_dora: LoRA as DoRA (Liu et al. 2024): a trained magnitude per output column times the
+      column-normalised ``W + A B * alpha / rank`` (peft's ``use_dora``).
+    quantize: 'nf4' stores the frozen base projections in 4-bit NormalFloat with
+      double-quantised scales (QLoRA, Dettmers et al. 2023); LoRA only.
   """
 
   method: str = "none"
@@ -46,8 +51,16 @@ class PeftConfig:
   lora_targets: tuple[str, ...] = (r"encoder/layer_\d+/attention/(query|value)",)
   adapter_size: int = 64
   adapter_placement: str = "houlsby"
+  use_dora: bool = False
+  quantize: str = "none"
 
   def __post_init__(self):
+    if self.quantize not in PEFT_QUANTIZE:
+      raise ValueError(f"model.peft.quantize={self.quantize!r}: expected one of {PEFT_QUANTIZE}")
+    if (self.use_dora or self.quantize != "none") and self.method != "lora":
+      raise ValueError(
+        f"model.peft.use_dora / quantize build on LoRA; method={self.method!r} (set 'lora')"
+      )
     if self.method not in PEFT_METHODS:
       raise ValueError(f"model.peft.method={self.method!r}: expected one of {PEFT_METHODS}")
     if self.adapter_placement not in PEFT_PLACEMENTS:

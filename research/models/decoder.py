@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.common import dense_init, layer_norm
+from research.models.common import attention, dense_init, layer_norm
 from research.models.config import EncoderConfig
 from research.models.encoder import FeedForward, SelfAttention
 
@@ -87,7 +87,8 @@ class DecoderEmbeddings(nn.Module):
 class DecoderAttention(nn.Module):
   """encoder.SelfAttention's parameters with the key/value projection exposed, for caching.
 
-  The math is SelfAttention's (fp32 softmax, padding mask); no dropout (decoding only).
+  The math is SelfAttention's (research.models.common's ``attention``: fp32 softmax, padding
+  mask); no dropout (decoding only).
   """
 
   config: EncoderConfig
@@ -112,15 +113,9 @@ class DecoderAttention(nn.Module):
 
   def __call__(self, x: Array, k: Array, v: Array, mask: Array) -> Array:
     """Attends queries from ``x`` [B, T, D] to ``k``/``v``; ``mask`` is [B, 1|T, S]."""
-    cfg = self.config
     q = self._split(self.query(x))
-    logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(cfg.head_dim))
-    big_neg = jnp.finfo(jnp.float32).min
-    logits = jnp.where(mask[:, None, :, :].astype(bool), logits, big_neg)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bnqk,bknh->bqnh", weights, v)
-    return self.output(out.reshape(*out.shape[:-2], cfg.hidden_size))
+    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None].astype(bool))
+    return self.output(out.reshape(*out.shape[:-2], self.config.hidden_size))
 
 
 class DecoderLayer(nn.Module):

@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from research.models.common import gather_beams, reorder_beams
+
 Array = jax.Array
 StepFn = Callable[[Array, Array, Any, Any], tuple[Array, Any]]
 NEG_INF = -jnp.inf
@@ -80,22 +82,6 @@ def greedy(
   return {"tokens": tokens, "scores": scores}
 
 
-def _gather(x: Array, index: Array) -> Array:
-  """``x[b, index[b, j]]`` for x [B, K, ...] and index [B, J]."""
-  index = index.reshape(*index.shape, *([1] * (x.ndim - 2)))
-  return jnp.take_along_axis(x, index, axis=1)
-
-
-def _reorder(state: Any, beams: Array, k: int) -> Any:
-  """Rows of a [B*k, ...] state pytree reordered to follow ``beams`` [B, k]."""
-
-  def one(x):
-    y = _gather(x.reshape(-1, k, *x.shape[1:]), beams)
-    return y.reshape(x.shape)
-
-  return jax.tree.map(one, state)
-
-
 def beam_search(
   step_fn: StepFn,
   state: Any,
@@ -130,19 +116,19 @@ def beam_search(
     cand = (alive_scores[..., None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
     vals, idx = jax.lax.top_k(cand, 2 * k)
     beam, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
-    seqs = _gather(alive_seqs, beam).at[:, :, i].set(tok)  # [B, 2k, n]
+    seqs = gather_beams(alive_seqs, beam).at[:, :, i].set(tok)  # [B, 2k, n]
     is_eos = tok == eos
     # Finished: EOS among the best k, for sources not done yet.
     new = is_eos & (rank < k)[None, :] & ~done[:, None]
     new_scores = jnp.where(new, vals / length_penalty(i + 1, alpha), NEG_INF)
     fin_scores, j = jax.lax.top_k(jnp.concatenate([fin_scores, new_scores], axis=1), k)
-    fin_seqs = _gather(jnp.concatenate([fin_seqs, seqs], axis=1), j)
+    fin_seqs = gather_beams(jnp.concatenate([fin_seqs, seqs], axis=1), j)
     # Alive: the best k that do not end in EOS (there are at least k among the 2k).
     alive_scores, j = jax.lax.top_k(jnp.where(is_eos, NEG_INF, vals), k)
-    alive_seqs = _gather(seqs, j)
-    state = _reorder(state, _gather(beam, j), k)
+    alive_seqs = gather_beams(seqs, j)
+    state = reorder_beams(state, gather_beams(beam, j), k)
     done = done | (jnp.sum(jnp.isfinite(fin_scores), axis=1) >= k)
-    return i + 1, _gather(tok, j), alive_seqs, alive_scores, fin_seqs, fin_scores, done, state
+    return i + 1, gather_beams(tok, j), alive_seqs, alive_scores, fin_seqs, fin_scores, done, state
 
   first = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)  # Identical beams: expand one.
   init = (
@@ -161,7 +147,7 @@ def beam_search(
   # Sources without k finished hypotheses at max_length: their alive beams compete as they are.
   forced = jnp.where(done[:, None], NEG_INF, alive_scores / length_penalty(i, alpha))
   scores, j = jax.lax.top_k(jnp.concatenate([fin_scores, forced], axis=1), 1)
-  tokens = _gather(jnp.concatenate([fin_seqs, alive_seqs], axis=1), j)
+  tokens = gather_beams(jnp.concatenate([fin_seqs, alive_seqs], axis=1), j)
   return {"tokens": tokens[:, 0], "scores": scores[:, 0]}
 
 

@@ -11,8 +11,9 @@ and the attention softmax always run in fp32.
 
 Speed (what the train step spends its time on, measured on CPU and kept cheap everywhere):
 query, key and value are one matmul against their concatenated kernels (the parameters stay
-three ``Dense`` kernels); the attention scale is folded into the queries and the padding mask is
-an additive bias. GELU, dropout and the fp32 LayerNorm are shared with the decoder, the heads
+three ``Dense`` kernels); attention is research.models.common's ``attention``
+(``jax.nn.dot_product_attention``: XLA's on CPU/TPU, cuDNN's fused kernel on a GPU in bf16).
+GELU, dropout and the fp32 LayerNorm are shared with the decoder, the heads
 and the PEFT layers through research.models.common, which says why they are cheap.
 
 Parameter-efficient transfer (``config.peft``: the layers are research.models.peft_layers, the
@@ -23,7 +24,6 @@ without it the modules are exactly the plain ones.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from research.models import peft_layers
-from research.models.common import ACTIVATIONS, dense_init, dropout, layer_norm
+from research.models.common import ACTIVATIONS, attention, dense_init, dropout, layer_norm
 from research.models.config import EncoderConfig
 
 Array = jax.Array
@@ -46,7 +46,15 @@ class Embeddings(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids: Array, token_type_ids: Array | None, deterministic: bool) -> Array:
+  def __call__(
+    self,
+    input_ids: Array,
+    token_type_ids: Array | None,
+    deterministic: bool,
+    positions: Array | None = None,
+  ) -> Array:
+    """``positions`` [B, T]: 0-based positions per example (packed rows restart them at each
+    segment); the family's ``position_offset`` is added. None: :func:`position_ids`."""
     cfg = self.config
     width = cfg.embedding_size or cfg.hidden_size
     embed = lambda n, name: nn.Embed(
@@ -58,7 +66,11 @@ class Embeddings(nn.Module):
       name=name,
     )
     x = embed(cfg.vocab_size, "word_embeddings")(input_ids)
-    x = x + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids(input_ids, cfg))
+    if positions is None:
+      positions = position_ids(input_ids, cfg)
+    else:
+      positions = positions + cfg.position_offset
+    x = x + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
     if cfg.type_vocab_size > 0:
       if token_type_ids is None:
         token_type_ids = jnp.zeros_like(input_ids)
@@ -149,15 +161,17 @@ class SelfAttention(nn.Module):
     else:
       (q,) = self._project(x, ("query",), deterministic)
       k, v = self._project(kv, ("key", "value"), deterministic)
-    q = q * jnp.asarray(1.0 / math.sqrt(cfg.head_dim), q.dtype)
-    logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32)
-    if position_bias is not None:
-      logits = logits + position_bias[None]
-    # Additive bias: fuses into the softmax; a large finite value keeps fully padded rows finite.
-    bias = jnp.where(mask.astype(bool), 0.0, jnp.float32(-1e30))
-    weights = jax.nn.softmax(logits + bias[:, None, :, :], axis=-1).astype(self.dtype)
-    weights = dropout(self, weights, cfg.attention_dropout, deterministic)
-    out = jnp.einsum("bnqk,bknh->bqnh", weights, v)
+    drop = None
+    if cfg.attention_dropout and not deterministic:
+      drop = lambda w: dropout(self, w, cfg.attention_dropout, deterministic)
+    out = attention(
+      q,
+      k,
+      v,
+      mask=mask[:, None].astype(bool),
+      bias=None if position_bias is None else position_bias[None],
+      weights_dropout=drop,
+    )
     out = out.reshape(*out.shape[:-2], cfg.hidden_size)
     return peft_layers.dense(
       cfg,
@@ -253,11 +267,18 @@ class Encoder(nn.Module):
   remat: bool = False
 
   @nn.nowrap
-  def embed(self, input_ids: Array, token_type_ids: Array | None, deterministic: bool) -> Array:
-    """The embedded tokens [B, T, D] (a submodule named ``embeddings``)."""
+  def embed(
+    self,
+    input_ids: Array,
+    token_type_ids: Array | None,
+    deterministic: bool,
+    positions: Array | None = None,
+  ) -> Array:
+    """The embedded tokens [B, T, D] (a submodule named ``embeddings``); ``positions``: see
+    :class:`Embeddings`."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     return Embeddings(self.config, name="embeddings", **kw)(
-      input_ids, token_type_ids, deterministic
+      input_ids, token_type_ids, deterministic, positions
     )
 
   @nn.nowrap
@@ -275,14 +296,26 @@ class Encoder(nn.Module):
     *,
     deterministic: bool = True,
     first_token_only: bool = False,
+    segment_ids: Array | None = None,
+    position_ids: Array | None = None,
   ) -> dict[str, Array | None]:
+    """``segment_ids`` / ``position_ids`` [B, T] are a packed batch's (research.data.packing):
+    a token attends only to keys of its own segment (> 0), positions restart per segment."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
-    x = self.embed(input_ids, token_type_ids, deterministic)
+    if position_ids is None:
+      x = self.embed(input_ids, token_type_ids, deterministic)
+    else:
+      x = self.embed(input_ids, token_type_ids, deterministic, position_ids)
     bias = self.position_bias(input_ids.shape[-1])
-    mask = attention_mask[:, None, :]  # [B, 1, S]: every query sees the non-padded keys.
+    if segment_ids is None:
+      mask = attention_mask[:, None, :]  # [B, 1, S]: every query sees the non-padded keys.
+    else:  # [B, T, S]: a query sees the keys of its own example only.
+      same = segment_ids[:, :, None] == segment_ids[:, None, :]
+      mask = same & (segment_ids[:, None, :] > 0)
+      first_token_only = False  # Each example's first token sits somewhere in the row.
     layer_cls = nn.remat(EncoderLayer, static_argnums=(3, 4)) if self.remat else EncoderLayer
     for i in range(cfg.num_layers):
       last = first_token_only and i == cfg.num_layers - 1

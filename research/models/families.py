@@ -20,6 +20,7 @@ from typing import Any
 
 from research.models import bert, cnn, mpnet
 from research.models.decoder_only import gpt2, llama
+from research.models.encoder_decoder import bart, marian, t5
 from research.models.family import Family
 
 _BY_NAME: dict[str, Family] = {}
@@ -92,5 +93,7 @@ def family_of(config: Any) -> Family:
   return family
 
 
-for _family in (bert.FAMILY, mpnet.FAMILY, cnn.FAMILY, gpt2.FAMILY, *llama.FAMILIES):
+for _family in (bert.FAMILY, mpnet.FAMILY, cnn.FAMILY, gpt2.FAMILY, *llama.FAMILIES, t5.FAMILY):
+  register_family(_family)
+for _family in (*bart.FAMILIES, marian.FAMILY):
   register_family(_family)

@@ -26,8 +26,31 @@ Rules = tuple[tuple[str, Any], ...]
 
 # Every pretrained encoder leaf onto the same path: what the BERT-like families graft by default.
 ENCODER_RULES: Rules = (("encoder/(.*)", r"encoder/\1"),)
-# parallel.fsdp_rules: split every matrix and embedding table, replicate vectors.
+# Every leaf onto the same path: what a pretrained encoder-decoder grafts by default (a seq2seq
+# model takes all of it; a classifier on its encoder takes the encoder, the rest reported unused).
+WHOLE_MODEL_RULES: Rules = (("(.*)", r"\1"),)
+# Sharding rules (research.train.parallel.state_shardings): a rule's value is True (split the
+# largest dimension the fsdp axis divides) or a spec with one entry per dimension.
+# The default: split every matrix and embedding table over fsdp, replicate vectors.
 MATRIX_SHARDING: Rules = ((".*kernel", True), (".*embedding", True))
+# The tensor axis on a dimension of heads, only when it divides the heads (whole heads per device).
+HEADS, KV_HEADS = "tensor:num_heads", "tensor:num_kv_heads"
+# Megatron-style tensor parallelism for the shared Transformer layers (research.models.encoder:
+# BERT-like, MPNet, the seq2seq decoder's self- and cross-attention). Kernels are [in, out]:
+# q/k/v split over their output heads (column-parallel, their biases alike), the attention
+# output over its input heads (row-parallel: its bias is added after the all-reduce, so it is
+# replicated); the MLP's first layer column-, its second row-parallel; the word embeddings over
+# the vocabulary. fsdp goes on the other dimension; anything else as MATRIX_SHARDING.
+ENCODER_SHARDING: Rules = (
+  (".*attention/(query|key|value)/kernel", ("fsdp", HEADS)),
+  (".*attention/(query|key|value)/bias", (HEADS,)),
+  (".*attention/output/kernel", (HEADS, "fsdp")),
+  (".*ffn/intermediate/kernel", ("fsdp", "tensor")),
+  (".*ffn/intermediate/bias", ("tensor",)),
+  (".*ffn/output/kernel", ("tensor", "fsdp")),
+  (".*word_embeddings/embedding", ("tensor", "fsdp")),
+  *MATRIX_SHARDING,
+)
 
 
 def transpose_kernels(path: str, value: np.ndarray) -> np.ndarray:
@@ -109,6 +132,15 @@ class Family:
     graft_rules: the graft rules a run uses when ``model.graft_rules`` is empty.
     sharding_rules: the ``parallel.fsdp_rules`` a run uses when it names none.
     tiny: ``(**overrides) -> config``: a small config for tests.
+    seq2seq: the whole encoder-decoder module class of a pretrained encoder-decoder family
+      (T5, BART), None for encoder-only and decoder-only families. Called as ``seq2seq(cfg,
+      dtype=, param_dtype=, remat=)``, its params are ``{'encoder', 'decoder', ...}`` whose
+      ``encoder`` subtree is exactly what ``encoder`` builds (a shared token table lives there
+      once; an untied output layer at a top-level path such as ``lm_head/kernel``), so
+      ``weight_names`` may map ``decoder/...`` and top-level paths too. Its interface is
+      research.models.seq2seq.EncoderDecoder's with one LM head (``__call__`` -> logits,
+      ``encode``, ``decode``, ``init_cache``, ``decode_step``); see
+      research.models.encoder_decoder.core.
   """
 
   name: str
@@ -129,6 +161,7 @@ class Family:
   graft_rules: Rules = ENCODER_RULES
   sharding_rules: Rules = MATRIX_SHARDING
   tiny: Callable[..., Config] | None = None
+  seq2seq: Callable[..., Any] | None = None
 
   @property
   def has_hf_weights(self) -> bool:

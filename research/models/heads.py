@@ -80,9 +80,37 @@ class HeadConfig:
     return Head(self, dtype, param_dtype, **kwargs)
 
 
+def pool_segments(hidden: Array, segments: Array, pooling: str) -> Array:
+  """One vector per example of packed rows: [B, K, D] from hidden states [B, T, D] and the
+  one-hot segments [B, K, T] (``segments[b, k, t]``: token t belongs to example k of row b).
+
+  'cls' takes each example's first token, 'last' its last, 'mean' the mean over its tokens,
+  exactly what :func:`pool` gives the example alone. An empty slot gets position 0 ('cls',
+  'last') or zeros ('mean'); its loss weight is 0.
+  """
+  if pooling == "pooler":
+    raise ValueError(
+      "data_cfg.packing needs a head pooling of 'cls', 'mean' or 'last': the encoder's pooler "
+      "reads position 0 of a row only"
+    )
+  if pooling in ("cls", "last"):
+    steps = jnp.arange(hidden.shape[1], dtype=jnp.int32)
+    if pooling == "cls":  # The smallest index in the segment: argmax finds the first True.
+      index = jnp.argmax(segments.astype(jnp.int32), axis=-1)
+    else:
+      index = jnp.argmax(steps * segments, axis=-1)
+    return jnp.take_along_axis(hidden, index[..., None], axis=1)
+  m = segments.astype(hidden.dtype)
+  total = jnp.einsum("bkt,btd->bkd", m, hidden)
+  return total / jnp.maximum(jnp.sum(m, axis=-1), 1)[..., None]
+
+
 def pool(features: dict[str, Array | None], mask: Array, pooling: str) -> Array:
-  """One vector per sequence from the encoder outputs."""
+  """One vector per sequence from the encoder outputs; per example ([B, K, D]) when
+  ``features`` holds a packed batch's one-hot ``segments`` [B, K, T] (research.data.packing)."""
   hidden = features["hidden_states"]
+  if features.get("segments") is not None:
+    return pool_segments(hidden, features["segments"], pooling)
   if pooling == "pooler":
     if features.get("pooled") is None:
       raise ValueError(
@@ -111,6 +139,8 @@ class Head(nn.Module):
     self, features: dict[str, Array | None], mask: Array, deterministic: bool = True
   ) -> Array | dict[str, Array]:
     cfg = self.config
+    if cfg.crf and features.get("segments") is not None:
+      raise ValueError("data_cfg.packing does not support CRF heads (transitions cross rows)")
     if cfg.layout == "token":
       x = features["hidden_states"]
     else:

@@ -40,7 +40,7 @@ import numpy as np
 from research.models.common import dense_init
 from research.models.config import HF_CONFIG_KEYS, TINY_SIZES, hf_getter
 from research.models.encoder import Encoder
-from research.models.family import Family, leaf_names
+from research.models.family import ENCODER_SHARDING, HEADS, Family, leaf_names
 
 Array = jax.Array
 
@@ -234,6 +234,10 @@ def leaf_map(cfg: MPNetConfig) -> dict[str, str]:
   return leaf_names(modules)
 
 
+# The shared Encoder's rules, plus the relative position bias table [buckets, heads] split over
+# heads like the attention logits it is added to.
+SHARDING = ((".*relative_attention_bias/embedding", ("fsdp", HEADS)), *ENCODER_SHARDING)
+
 FAMILY = Family(
   name="mpnet",
   config_type=MPNetConfig,
@@ -244,5 +248,6 @@ FAMILY = Family(
   weight_names=leaf_map,
   base_prefixes=BASE_PREFIXES,
   buffers=BUFFERS,
+  sharding_rules=SHARDING,
   tiny=MPNetConfig.tiny,
 )

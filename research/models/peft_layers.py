@@ -9,12 +9,16 @@ its own module path (``encoder/layer_3/attention/query``, matched against ``lora
 whether it gets ``lora_a`` [in, r] and ``lora_b`` [r, out] beside its ``kernel`` and ``bias``.
 ``lora_b`` and an adapter's ``up`` projection start at zero, so at init every output equals the
 base model's. Shared numerics (dropout, GELU, init) come from research.models.common, so this
-module and the encoder do not import each other. The NF4 codec at the end (:func:`nf4_quantize`,
-:func:`nf4_matmul`) is QLoRA's storage for a frozen base, not yet wired into the projections.
+module and the encoder do not import each other. DoRA (``peft.use_dora``) is a LoRA target with
+a trained magnitude (:func:`dora_output`). The NF4 codec at the end (:func:`nf4_quantize`,
+:func:`nf4_dequantize`) is QLoRA's storage for the frozen base (``peft.quantize='nf4'``): every
+projection :func:`dense` builds keeps its kernel as ``kernel_nf4`` (uint8 codes, double-quantised
+absmaxes) and dequantises it inside the matmul.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -73,7 +77,13 @@ def lora_delta(
 
   ``pairs`` holds ``(slice index, A, B)`` of the slices that have LoRA. Two matmuls serve them
   all: ``x`` times the concatenated A's, times a block matrix holding each B at its slice.
+
+  Raises:
+    NotImplementedError: DoRA, whose column norms need the fused kernel split per slice
+      (the BERT-like encoder's fused q/k/v); :class:`LoraDense` computes DoRA itself.
   """
+  if peft.use_dora:
+    raise NotImplementedError("model.peft.use_dora: not implemented for fused projections")
   rank, width = peft.lora_rank, pairs[0][2].shape[1]
   x = dropout(module, x.astype(dtype), peft.lora_dropout, deterministic)
   a = jnp.concatenate([a for _, a, _ in pairs], axis=1).astype(dtype)
@@ -88,6 +98,13 @@ def lora_delta(
 
 class LoraDense(nn.Module):
   """``nn.Dense`` (same parameters, same arithmetic) plus a LoRA branch when its path is a target.
+
+  With ``peft.quantize='nf4'`` the kernel is stored as ``kernel_nf4`` (:func:`nf4_quantize`'s
+  dict) and dequantised to the compute dtype at each use, forward and backward (QLoRA,
+  :func:`nf4_dot`); it has no gradient, as the base of a QLoRA run is frozen by definition (and
+  a gradient through its two fp32 scales would cost a full-size ``dW`` per projection). With
+  ``peft.use_dora`` a target also has ``lora_magnitude`` [out] and computes DoRA
+  (:func:`dora_output`).
 
   Attributes:
     features: output width.
@@ -105,28 +122,93 @@ class LoraDense(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
+    """``x W + b`` plus the LoRA (or DoRA) term; ``deterministic`` overrides the attribute
+    (layers built in ``setup``, such as BART's, learn it only when called)."""
+    deterministic = self.deterministic if deterministic is None else deterministic
     shape = (x.shape[-1], self.features)
-    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+    stored = None
+    if nf4_stored(self.peft, module_path(self), shape):
+      init = lambda rng: nf4_quantize(self.kernel_init(rng, shape, jnp.float32), xp=jnp)
+      stored = self.param("kernel_nf4", init)
+      kernel = nf4_dequantize(jax.lax.stop_gradient(stored), shape, self.dtype or self.param_dtype)
+    else:
+      kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
     bias = None
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     pair = lora_params(self, self.peft, shape, self.param_dtype)
+    magnitude = None
+    if pair is not None and self.peft.use_dora:
+      norm = lambda _: column_norm(kernel.astype(jnp.float32))  # B = 0: ||W|| per column.
+      magnitude = self.param("lora_magnitude", norm).astype(self.param_dtype)
     inputs, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
+    matmul = lambda v: jax.lax.dot_general(v, kernel, (((v.ndim - 1,), (0,)), ((), ())))
+    if stored is not None and magnitude is None:  # (DoRA needs the whole kernel for its norm.)
+      matmul = lambda v: nf4_dot(v, stored, shape)
+    y = matmul(inputs)
     if bias is not None:
       y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    if pair is None:
-      return y
-    delta = lora_delta(self, x, [(0, *pair)], 1, self.peft, self.deterministic, y.dtype)
-    return y + delta
+    if magnitude is not None:  # peft adds the DoRA term to the base layer's output, bias in.
+      return y + dora_output(self, inputs, kernel, pair, magnitude, matmul, deterministic)
+    if pair is not None:
+      y = y + lora_delta(self, x, [(0, *pair)], 1, self.peft, deterministic, y.dtype)
+    return y
+
+
+def column_norm(w: Array) -> Array:
+  """The L2 norm of each output column of a kernel ``[in, out]`` (peft's ``dim=1`` of ``[out,
+  in]``): DoRA's magnitude at init, and its normaliser."""
+  return jnp.sqrt(jnp.sum(jnp.square(w), axis=0))
+
+
+def dora_output(
+  module: LoraDense,
+  x: Array,
+  kernel: Array,
+  pair: tuple[Array, Array],
+  magnitude: Array,
+  matmul: Any,
+  deterministic: bool | None = None,
+) -> Array:
+  """What DoRA adds to ``x W + b`` to make it ``x (m / ||W + s A B||_c) (W + s A B) + b``.
+
+  As peft's ``DoraLinearLayer``: the column norm is detached (section 4.3 of the DoRA paper:
+  it reflects the update but gets no gradient), and the term is ``(m/n - 1) xd W + (m/n) xd A B
+  s`` with ``xd`` the dropped-out input (``x`` itself when deterministic), so the base path
+  keeps the undropped input, as peft's. The merged weight is formed only for its norm.
+  """
+  peft, dtype = module.peft, x.dtype
+  scale = jnp.asarray(peft.lora_scale, jnp.float32)
+  a, b = pair
+  delta_w = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
+  merged = kernel.astype(jnp.float32) + scale * delta_w
+  norm = jax.lax.stop_gradient(column_norm(merged))
+  ratio = (magnitude.astype(jnp.float32) / norm).astype(dtype)
+  deterministic = module.deterministic if deterministic is None else deterministic
+  dropped = dropout(module, x, peft.lora_dropout, deterministic)
+  lora = jnp.dot(jnp.dot(dropped, a.astype(dtype)), b.astype(dtype)) * scale.astype(dtype)
+  return (ratio - 1) * matmul(dropped) + ratio * lora
+
+
+def nf4_stored(peft: PeftConfig | None, path: str, shape: tuple[int, int]) -> bool:
+  """Whether a projection of ``shape`` keeps its kernel in NF4: under ``quantize='nf4'``, every
+  projection :func:`dense` builds whose size the 64-weight block divides and whose output width
+  is even (its codes are then ``[in, out/2]``, so the stored kernel keeps its shape); others
+  stay float, and so does an ``lm_head`` (at ``path``), as transformers' 4-bit loading keeps
+  it: the output layer is the most sensitive to quantisation."""
+  quantizable = (shape[0] * shape[1]) % NF4_BLOCK == 0 and shape[1] % 2 == 0
+  quantizable = quantizable and path.rsplit("/", 1)[-1] != "lm_head"
+  return peft is not None and peft.quantize == "nf4" and quantizable
 
 
 def dense(config: Any, features: int, name: str, deterministic: bool, **kw: Any) -> nn.Module:
   """An ``nn.Dense``, or a :class:`LoraDense` when ``config.peft`` is LoRA (call in compact).
 
   ``config`` is any family's config with a ``peft`` field (EncoderConfig, the decoders'); the
-  parameters are the ``nn.Dense``'s either way, so LoRA only adds ``lora_a`` / ``lora_b``.
+  parameters are the ``nn.Dense``'s either way, so LoRA only adds ``lora_a`` / ``lora_b`` (and
+  DoRA ``lora_magnitude``); under ``quantize='nf4'`` every projection made here holds its
+  kernel as ``kernel_nf4``, LoRA target or not.
   """
   peft = config.peft
   if peft is not None and peft.method == "lora":
@@ -196,40 +278,46 @@ def dynamic_code() -> np.ndarray:
   return np.sort(np.asarray(values, np.float32))
 
 
-def _nearest(code: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _nearest(code: Any, x: Any, xp: Any = np) -> Any:
   """Index of the code value nearest each of ``x`` (``code`` sorted): what bitsandbytes'
-  decision tree computes."""
-  right = np.clip(np.searchsorted(code, x), 1, len(code) - 1)
+  decision tree computes. ``xp`` is numpy or jax.numpy."""
+  right = xp.clip(xp.searchsorted(code, x), 1, len(code) - 1)
   left = right - 1
-  return np.where(np.abs(x - code[left]) <= np.abs(code[right] - x), left, right).astype(np.uint8)
+  return xp.where(xp.abs(x - code[left]) <= xp.abs(code[right] - x), left, right).astype(xp.uint8)
 
 
-def nf4_quantize(w: np.ndarray) -> dict[str, np.ndarray]:
+def nf4_quantize(w: Any, xp: Any = np) -> dict[str, Any]:
   """``w`` (any shape, size a multiple of 64) as NF4 with double-quantised absmaxes.
 
-  Returns ``{'codes': uint8 [size/2] (two 4-bit indices a byte, the first in the high nibble),
+  Returns ``{'codes': uint8 [..., last/2] (``w``'s shape with the last axis halved, so a stored
+  kernel still tells its shape; [size/2] when the last axis is odd; two 4-bit indices a byte,
+  in row-major order, the first in the high nibble),
   'absmax': uint8 [size/64], 'scale': float32 [ceil(size/64/256)], 'offset': float32 []}``:
-  about 4.127 bits a weight. Host-side (numpy): done once, when the base is loaded.
+  about 4.127 bits a weight. With numpy (``xp=np``, the default) on the host, when a base is
+  loaded; with ``xp=jax.numpy`` it traces, so a model's init can draw a kernel and store it
+  quantised inside the jitted init (the float kernel never outlives its layer's init).
 
   Raises:
     ValueError: a size that 64 does not divide.
   """
-  flat = np.asarray(w, np.float32).reshape(-1)
+  flat = xp.asarray(w, xp.float32).reshape(-1)
   if flat.size % NF4_BLOCK:
     raise ValueError(f"NF4: {flat.size} weights is not a multiple of the block {NF4_BLOCK}")
   blocks = flat.reshape(-1, NF4_BLOCK)
-  absmax = np.max(np.abs(blocks), axis=1)
-  safe = np.where(absmax > 0, absmax, 1.0)[:, None]
-  idx = _nearest(NF4_CODE, blocks / safe).reshape(-1)
+  absmax = xp.max(xp.abs(blocks), axis=1)
+  safe = xp.where(absmax > 0, absmax, 1.0)[:, None]
+  idx = _nearest(xp.asarray(NF4_CODE), blocks / safe, xp).reshape(-1)
   codes = (idx[0::2] << 4) | idx[1::2]
-  offset = np.float32(absmax.mean())
+  offset = xp.mean(absmax).astype(xp.float32)
   centred = absmax - offset
   pad = (-centred.size) % ABSMAX_BLOCK
-  groups = np.pad(centred, (0, pad)).reshape(-1, ABSMAX_BLOCK)
-  scale = np.max(np.abs(groups), axis=1)
-  scale_safe = np.where(scale > 0, scale, 1.0)[:, None]
-  q = _nearest(dynamic_code(), groups / scale_safe).reshape(-1)[: centred.size]
-  return {"codes": codes.astype(np.uint8), "absmax": q, "scale": scale, "offset": offset}
+  groups = xp.pad(centred, (0, pad)).reshape(-1, ABSMAX_BLOCK)
+  scale = xp.max(xp.abs(groups), axis=1)
+  scale_safe = xp.where(scale > 0, scale, 1.0)[:, None]
+  q = _nearest(xp.asarray(dynamic_code()), groups / scale_safe, xp).reshape(-1)[: centred.size]
+  if np.ndim(w) and np.shape(w)[-1] % 2 == 0:  # [..., last/2]: stored codes keep the shape.
+    codes = codes.reshape(*np.shape(w)[:-1], np.shape(w)[-1] // 2)
+  return {"codes": codes.astype(xp.uint8), "absmax": q, "scale": scale, "offset": offset}
 
 
 def nf4_dequantize(
@@ -240,10 +328,53 @@ def nf4_dequantize(
   n_abs = q["absmax"].shape[0]
   scale = jnp.repeat(q["scale"], ABSMAX_BLOCK)[:n_abs]
   absmax = code8[q["absmax"].astype(jnp.int32)] * scale + q["offset"]
-  codes = q["codes"].astype(jnp.int32)
+  codes = q["codes"].reshape(-1).astype(jnp.int32)
   idx = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(-1, NF4_BLOCK)
   w = jnp.asarray(NF4_CODE)[idx] * absmax[:, None]
   return w.reshape(shape).astype(dtype)
+
+
+def nf4_shape(q: dict[str, Any]) -> tuple[int, int]:
+  """``[in, out]`` of a kernel stored by :func:`nf4_quantize` (its codes are ``[in, out/2]``)."""
+  rows, half = q["codes"].shape
+  return rows, 2 * half
+
+
+def _dot(x: Array, w: Array) -> Array:
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def nf4_dot(x: Array, q: dict[str, Array], shape: tuple[int, int]) -> Array:
+  """``x @ W`` for an NF4 kernel, dequantised to ``x``'s dtype at each use, forward and backward.
+
+  A custom VJP keeps only the codes as the backward's residual, and optimisation barriers tie
+  each dequantisation to the activation it multiplies: otherwise XLA keeps the dequantised
+  kernel live from the forward to the backward (or hoists it out of a gradient-accumulation
+  loop), so the full-precision kernels of every layer exist at once and NF4 saves little. The
+  kernel gets a zero cotangent: a QLoRA base is frozen.
+  """
+  return _dot(x, nf4_dequantize(q, shape, x.dtype))
+
+
+def _nf4_dot_fwd(x: Array, q: dict[str, Array], shape: tuple[int, int]) -> tuple[Array, Any]:
+  x, q = jax.lax.optimization_barrier((x, q))
+  return _dot(x, nf4_dequantize(q, shape, x.dtype)), q
+
+
+def _nf4_dot_bwd(shape: tuple[int, int], q: dict[str, Array], dy: Array) -> tuple[Array, Any]:
+  dy, q = jax.lax.optimization_barrier((dy, q))
+  w = nf4_dequantize(q, shape, dy.dtype)
+  dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
+  zero = lambda v: (
+    np.zeros(v.shape, jax.dtypes.float0)
+    if not jnp.issubdtype(v.dtype, jnp.inexact)
+    else jnp.zeros_like(v)
+  )
+  return dx, jax.tree.map(zero, q)
+
+
+nf4_dot.defvjp(_nf4_dot_fwd, _nf4_dot_bwd)
 
 
 def nf4_matmul(x: Array, q: dict[str, Array], shape: tuple[int, int]) -> Array:

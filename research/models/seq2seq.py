@@ -186,18 +186,129 @@ class EncoderDecoder(nn.Module):
     return self.heads(self.decoder.logits(hidden), (task,))[task], cache
 
 
+class FamilySeq2Seq(nn.Module):
+  """A pretrained encoder-decoder family's own model (T5, BART, Marian) behind EncoderDecoder's
+  interface.
+
+  The family's module shares this module's scope, so the params are exactly the family's
+  (``{'encoder', 'decoder', ...}``, the paths its HF weight map names) and a checkpoint loads
+  and exports unchanged. Its one LM head serves every task: the tasks of a multi-task run
+  differ by their data (T5's task prefixes), not by their output layer.
+
+  Attributes:
+    config: the family's config (its ``Family.seq2seq`` is the module built).
+    tasks: names of the seq2seq tasks.
+  """
+
+  config: Any
+  tasks: tuple[str, ...]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: bool = False
+
+  DECODER_INPUTS = EncoderDecoder.DECODER_INPUTS
+
+  @property
+  def task_names(self) -> tuple[str, ...]:
+    return self.tasks
+
+  def setup(self):
+    module = families.family_of(self.config).seq2seq
+    self.model = module(
+      self.config, dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat
+    )
+    nn.share_scope(self, self.model)
+
+  def _check(self, tasks: Sequence[str]) -> None:
+    unknown = [t for t in tasks if t not in self.tasks]
+    if unknown:
+      raise KeyError(f"unknown task(s) {unknown}; this model has tasks {sorted(self.tasks)}")
+
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    token_type_ids: Array | None = None,
+    decoder_input_ids: Array | None = None,
+    decoder_attention_mask: Array | None = None,
+    *,
+    tasks: Sequence[str] | None = None,
+    deterministic: bool = True,
+  ) -> dict[str, Array]:
+    """``{task: logits [B, T, V]}`` under teacher forcing (the same logits for every task)."""
+    tasks = self.tasks if tasks is None else tuple(tasks)
+    self._check(tasks)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if decoder_input_ids is None:  # What ``init`` needs: a target as long as the source.
+      decoder_input_ids, decoder_attention_mask = jnp.zeros_like(input_ids), attention_mask
+    logits = self.model(
+      input_ids,
+      attention_mask,
+      token_type_ids,
+      decoder_input_ids,
+      decoder_attention_mask,
+      deterministic=deterministic,
+    )
+    return dict.fromkeys(tasks, logits)
+
+  def encode(
+    self,
+    input_ids: Array,
+    attention_mask: Array,
+    token_type_ids: Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> Array:
+    return self.model.encode(input_ids, attention_mask, deterministic=deterministic)
+
+  def decode(
+    self,
+    decoder_input_ids: Array,
+    memory: Array,
+    attention_mask: Array,
+    decoder_attention_mask: Array | None = None,
+    *,
+    task: str,
+  ) -> Array:
+    self._check((task,))
+    return self.model.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
+
+  def init_cache(self, memory: Array, max_length: int) -> Cache:
+    return self.model.init_cache(memory, max_length)
+
+  def decode_step(
+    self, ids: Array, index: Array, cache: Cache, attention_mask: Array, *, task: str
+  ) -> tuple[Array, Cache]:
+    self._check((task,))
+    return self.model.decode_step(ids, index, cache, attention_mask)
+
+
 def make_model(
-  encoder: EncoderConfig,
+  encoder: Any,
   tasks: Sequence[str],
   decoder_overrides: dict[str, Any] | None = None,
   **kwargs: Any,
-) -> EncoderDecoder:
-  """An EncoderDecoder whose decoder is the encoder's architecture with ``decoder_overrides``
-  (``vocab_size`` there gives the decoder a target vocabulary of its own).
+) -> EncoderDecoder | FamilySeq2Seq:
+  """The seq2seq model of an encoder config.
 
-  The encoder's pooler is dropped (nothing reads it); its checkpoint weights then show up as
-  'unused in source' in the graft report.
+  A pretrained encoder-decoder family's config (one whose family has ``seq2seq``) gives that
+  family's whole model (:class:`FamilySeq2Seq`; ``decoder_overrides`` must be empty: its
+  decoder is the checkpoint's). Any other family's encoder gives an EncoderDecoder whose
+  decoder is the encoder's architecture with ``decoder_overrides`` (``vocab_size`` there gives
+  the decoder a target vocabulary of its own); the encoder's pooler is dropped (nothing reads
+  it), so its checkpoint weights show up as 'unused in source' in the graft report.
+
+  Raises:
+    ValueError: ``decoder_overrides`` for a pretrained encoder-decoder.
   """
+  if families.family_of(encoder).seq2seq is not None:
+    if decoder_overrides:
+      raise ValueError(
+        f"model.decoder_overrides={decoder_overrides}: a pretrained encoder-decoder "
+        f"({type(encoder).__name__}) keeps its own decoder"
+      )
+    return FamilySeq2Seq(encoder, tuple(tasks), **kwargs)
   encoder = encoder.replace(use_pooler=False)
   decoder = encoder.replace(**dict(decoder_overrides or {}))
   return EncoderDecoder(encoder, decoder, tuple(tasks), **kwargs)

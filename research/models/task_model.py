@@ -95,8 +95,16 @@ class TaskModel(nn.Module):
     *,
     tasks: Sequence[str] | None = None,
     deterministic: bool = True,
+    segment_ids: Array | None = None,
+    position_ids: Array | None = None,
+    num_segments: int = 0,
   ) -> dict[str, Array]:
-    """Returns ``{task: logits}`` for ``tasks`` (default: every head)."""
+    """Returns ``{task: logits}`` for ``tasks`` (default: every head).
+
+    A packed batch (research.data.packing) passes its ``segment_ids`` and ``position_ids``
+    [B, T] and ``num_segments``, the examples a row can hold (K): the encoder then attends
+    within segments, and pooled heads return one output per example, [B, K, ...].
+    """
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -105,13 +113,20 @@ class TaskModel(nn.Module):
     configs = dict(self.heads)
     first_only = all(t in configs and configs[t].first_token_only for t in tasks)
     encoder_cls = families.family_of(self.encoder).encoder
+    packed = {}
+    if segment_ids is not None:  # Only then: other families' encoders take no such arguments.
+      packed = dict(segment_ids=segment_ids, position_ids=position_ids)
     features = encoder_cls(self.encoder, remat=self.remat, name="encoder", **kw)(
       input_ids,
       attention_mask,
       token_type_ids,
       deterministic=deterministic,
-      first_token_only=first_only,
+      first_token_only=first_only and segment_ids is None,
+      **packed,
     )
+    if segment_ids is not None:
+      slots = jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)
+      features = {**features, "segments": segment_ids[:, None, :] == slots[None, :, None]}
     return Heads(self.heads, name="heads", **kw)(features, attention_mask, tasks, deterministic)
 
 

@@ -3,8 +3,9 @@
 Every kind-specific decision (data fields and tokenization, head, loss, predictions, metrics,
 predict-mode input and output) sits in one kind object; the rest of the code asks
 ``get(kind)`` and never branches on a kind's name. The built-in kinds are
-``classification``, ``regression``, ``tagging`` (optionally with a CRF) and ``seq2seq``, one
-module each. A kind defined elsewhere registers itself when its module is imported::
+``classification``, ``regression``, ``tagging`` (optionally with a CRF), ``seq2seq`` and
+``text_to_text`` (classification by an encoder-decoder writing label words), one module each.
+A kind defined elsewhere registers itself when its module is imported::
 
   from research import tasks
 
@@ -63,7 +64,13 @@ def _load_builtins() -> None:
   if not _BUILTINS_LOADED:
     _BUILTINS_LOADED = True
     # Importing the modules registers their kinds.
-    from research.tasks import classification, regression, seq2seq, tagging  # noqa: F401
+    from research.tasks import (  # noqa: F401
+      classification,
+      regression,
+      seq2seq,
+      tagging,
+      text_to_text,
+    )
 
 
 def get(kind: str) -> TaskKind:

@@ -3,12 +3,15 @@
 Data: ``data_cfg.source_key`` / ``target_key`` texts. The source is encoded by the source
 tokenizer with its special tokens; the target by the target tokenizer without them, then
 ``decoder_input_ids = [BOS] + target`` and ``labels = target + [EOS]`` (the target tokenizer's
-bos/eos, else ``[CLS]``/``[SEP]``, as in BERT2BERT warm starts). Which tokenizers those are is
-``tasks.<name>.vocab`` (research.tasks.seq2seq_text): the checkpoint's on both sides, or a cased
-BPE trained on the training split for the target (and optionally the source). Model: an
-EncoderDecoder (research.models.seq2seq) instead of an encoder with heads; its decoder's
-vocabulary is the target vocabulary. Predict mode translates each line and writes
-``translation``.
+bos/eos, else ``[CLS]``/``[SEP]``, as in BERT2BERT warm starts). A pretrained encoder-decoder
+(T5, BART, Marian) reads targets the way it was trained instead: ``labels`` are the tokenizer's
+encoding with its special tokens and ``decoder_input_ids`` the same shifted right behind the
+checkpoint's ``decoder_start_token_id``. Which tokenizers those are is ``tasks.<name>.vocab``
+(research.tasks.seq2seq_text): the checkpoint's on both sides, or a cased BPE trained on the
+training split for the target (and optionally the source). Model: an EncoderDecoder
+(research.models.seq2seq) instead of an encoder with heads, whose decoder's vocabulary is the
+target vocabulary, or the pretrained encoder-decoder's own model. Predict mode translates each
+line and writes ``translation``.
 
 The kind's functions:
 
@@ -62,38 +65,51 @@ def encode_pairs(
       sides.
   """
   tok = as_tokenizers(tokenizer)
-  sp = tokenize.special_ids(tok.target)
+  sp = tok.specials()
+  # A pretrained encoder-decoder reads targets as it was trained: with the tokenizer's own
+  # special tokens, decoder inputs shifted right behind its decoder start token.
+  own_specials = tok.decoder_start is not None
   src: list[list[int]] = []
   types: list[list[int]] = []
   tgt: list[list[int]] = []
   for s in range(0, len(sources), CHUNK):
     enc = tokenize.run_tokenizer(
-      tok.source, list(sources[s : s + CHUNK]), truncation=True, max_length=max_length
+      tok.source,
+      list(sources[s : s + CHUNK]),
+      truncation=True,
+      max_length=max_length,
+      slow_ok=True,
     )
     src.extend(enc["input_ids"])
     types.extend(enc["token_type_ids"])
     dec = tokenize.run_tokenizer(
       tok.target,
-      list(targets[s : s + CHUNK]),
-      add_special_tokens=False,
+      text_target=list(targets[s : s + CHUNK]),  # Marian: the target language's SentencePiece.
+      slow_ok=True,
+      add_special_tokens=own_specials,
       truncation=True,
-      max_length=target_max_length - 1,
+      max_length=target_max_length if own_specials else target_max_length - 1,
     )
     tgt.extend(dec["input_ids"])
+  if own_specials:
+    labels = tgt
+    decoder_input_ids = tokenize.Ragged.from_rows([[sp["bos"], *t[:-1]] for t in tgt])
+  else:
+    labels = [[*t, sp["eos"]] for t in tgt]
+    decoder_input_ids = tokenize.Ragged.from_rows([[sp["bos"], *t] for t in tgt])
   input_ids = tokenize.Ragged.from_rows(src)
-  decoder_input_ids = tokenize.Ragged.from_rows([[sp["bos"], *t] for t in tgt])
   lengths = np.maximum(input_ids.lengths, decoder_input_ids.lengths).astype(np.int32)
   return tokenize.Tokenized(
     ragged={
       "input_ids": input_ids,
       "token_type_ids": tokenize.Ragged.from_rows(types),
       "decoder_input_ids": decoder_input_ids,
-      "labels": tokenize.Ragged.from_rows([[*t, sp["eos"]] for t in tgt]),
+      "labels": tokenize.Ragged.from_rows(labels),
     },
     scalars={},
     lengths=lengths,
     pad_values={
-      "input_ids": tokenize.special_ids(tok.source)["pad"],
+      "input_ids": tok.source_pad,
       "token_type_ids": 0,
       "decoder_input_ids": sp["pad"],
       "labels": IGNORE,
@@ -174,8 +190,8 @@ def make_translator(
 
   tok = as_tokenizers(tokenizer)
   settings = decode_settings(task_cfg)
-  ids = tokenize.special_ids(tok.target)
-  source_pad = tokenize.special_ids(tok.source)["pad"]
+  ids = tok.specials()
+  source_pad = tok.source_pad
   generate = make_generate(
     model,
     task,
@@ -316,14 +332,24 @@ class Seq2Seq(TaskKind):
   encoder = Seq2SeqEncoder()
 
   def build_model(self, config, encoder, **model_kw):
-    from research.models import seq2seq
+    from research.models import families, seq2seq
 
+    vocab = text_lib.shared_vocab(config)
+    if families.family_of(encoder).seq2seq is not None:
+      if vocab["target"] != "pretrained" or config.model.init in seq2seq.INIT_MODES:
+        raise ValueError(
+          f"a pretrained encoder-decoder ({type(encoder).__name__}) keeps its own vocabulary and "
+          f"decoder: vocab.target={vocab['target']!r} and model.init={config.model.init!r} are "
+          "for encoders given a decoder (use vocab.target='pretrained', model.init='pretrained' "
+          "or 'scratch')"
+        )
+      overrides = dict(config.model.get("decoder_overrides", {}) or {})
+      return seq2seq.make_model(encoder, tuple(config.tasks), overrides, **model_kw)
     if getattr(encoder, "peft", None) is not None:
       raise ValueError(
         f"model.peft.method={encoder.peft.method!r}: parameter-efficient transfer is wired for "
         "encoder TaskModels only, not seq2seq (the decoder's cached attention has no LoRA)"
       )
-    vocab = text_lib.shared_vocab(config)
     overrides = dict(config.model.get("decoder_overrides", {}) or {})
     if vocab["target"] != "pretrained":
       # The decoder's embeddings (and tied output layer) are the target vocabulary's.

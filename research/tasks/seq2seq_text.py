@@ -89,6 +89,22 @@ class Tokenizers:
   source: Any
   target: Any
   target_json: str | None = None
+  decoder_start: int | None = None
+
+  def specials(self) -> dict[str, int]:
+    """The decoder's ``pad``, ``bos`` (start) and ``eos`` ids.
+
+    A pretrained encoder-decoder starts decoding with its config's ``decoder_start_token_id``
+    (T5 and Marian: pad; BART: eos) and its targets keep the tokenizer's own special tokens;
+    otherwise the target tokenizer's bos/eos (or cls/sep) frame the target.
+    """
+    if self.decoder_start is None:
+      return tokenize.special_ids(self.target)
+    pad, eos = self.target.pad_token_id, self.target.eos_token_id
+    eos = self.target.sep_token_id if eos is None else eos
+    if pad is None or eos is None:
+      raise ValueError(f"Tokenizer {self.target.name_or_path!r} lacks an eos/sep or pad token.")
+    return {"pad": int(pad), "bos": int(self.decoder_start), "eos": int(eos)}
 
   @property
   def name_or_path(self) -> str:
@@ -101,19 +117,27 @@ class Tokenizers:
     return {
       "source": tokenize.tokenizer_fingerprint(self.source),
       "target": tokenize.tokenizer_fingerprint(self.target),
+      "decoder_start": str(self.decoder_start),
     }
 
   @property
+  def source_pad(self) -> int:
+    """The source tokenizer's padding id (all a source needs: no start or end token of ours)."""
+    if self.source.pad_token_id is None:
+      raise ValueError(f"Tokenizer {self.source.name_or_path!r} lacks a pad token.")
+    return int(self.source.pad_token_id)
+
+  @property
   def bos_token_id(self) -> int:
-    return tokenize.special_ids(self.target)["bos"]
+    return self.specials()["bos"]
 
   @property
   def eos_token_id(self) -> int:
-    return tokenize.special_ids(self.target)["eos"]
+    return self.specials()["eos"]
 
   @property
   def pad_token_id(self) -> int:
-    return tokenize.special_ids(self.target)["pad"]
+    return self.specials()["pad"]
 
   def decode(self, ids: Sequence[int]) -> str:
     """The detokenised text of target ``ids`` (special tokens and ids beyond the vocabulary
@@ -128,6 +152,18 @@ class Tokenizers:
       skip_special_tokens=True,
       clean_up_tokenization_spaces=self.target_json is None,
     )
+
+
+def decoder_start(model_cfg: Any) -> int | None:
+  """The ``decoder_start_token_id`` of a pretrained encoder-decoder checkpoint (T5, BART,
+  Marian), None for any other family (whose decoder the run adds: the tokenizer frames it)."""
+  from research.models import families
+  from research.transfer import hf
+
+  cfg = hf.load_config(hf.resolve(model_cfg.checkpoint), model_cfg.get("family") or None)
+  if families.family_of(cfg).seq2seq is None:
+    return None
+  return int(cfg.decoder_start_token_id)
 
 
 def as_tokenizers(tokenizer: Any) -> Tokenizers:
@@ -158,7 +194,7 @@ def load_tokenizers(
   """
   settings = vocab_settings(config.tasks[task])
   if settings["target"] == "pretrained":
-    return Tokenizers(pretrained, pretrained)
+    return Tokenizers(pretrained, pretrained, decoder_start=decoder_start(config.model))
   path = Path(workdir) / TARGET_FILE if workdir is not None else None
   if path is not None and path.is_file():
     text = path.read_text(encoding="utf-8")

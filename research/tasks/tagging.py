@@ -46,7 +46,10 @@ def loss(outputs, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """
   labels = batch["labels"]
   keep = labels != IGNORE
-  weights = keep.astype(jnp.float32) * batch["example_mask"][:, None]
+  rows = batch["example_mask"]
+  if rows.ndim == 2:  # Packed rows [B, K] (research.data.packing): a row counts if it has one.
+    rows = jnp.max(rows, axis=1)
+  weights = keep.astype(jnp.float32) * rows[:, None]
   if isinstance(outputs, dict):
     em, mask, order = crf.compact(outputs["emissions"], keep)
     tags = jnp.take_along_axis(labels, order, axis=1)

@@ -81,6 +81,9 @@ class Run:
     )
     # ``write(step, split, record)``: one metrics.jsonl / TensorBoard event (process 0).
     self.write: Callable[[int, str, dict], None] = lambda step, split, record: None
+    # Paths of the leaves the optimizer trains (set before ``compile``): the only ones a train
+    # step differentiates (research.train.steps.make_train_step).
+    self.trainable: frozenset[str] | None = None
 
   def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A process-local host batch as one global array per field, split over the mesh."""
@@ -317,9 +320,9 @@ def _steps(
   # This process's figures beside those of the segments before it (a resumed run).
   segments = segments_lib.Segments(run_.workdir, start_step, t_start, enabled=run_.is_main)
   writer.print(" ".join(filter(None, [f"init: {origin};", program.describe()])).rstrip(";"))
-  counts = optim.count_params(
-    plan.abstract_params, optim.freeze_labels(plan.optim, plan.abstract_params)
-  )
+  labels = paths.flatten(optim.freeze_labels(plan.optim, plan.abstract_params))
+  counts = optim.count_params(plan.abstract_params, paths.unflatten(labels))
+  run_.trainable = frozenset(p for p, label in labels.items() if label == optim.TRAINABLE)
   batches = None
   if steps > start_step:  # An evaluation-only run (steps=0) reads no training data.
     batches = Prefetcher(
@@ -352,6 +355,9 @@ def _steps(
   with _PreemptionFlag().installed() as preemption:
     for step in range(start_step, steps):
       state, metrics = program.step_fn(step)(state, next(batches))
+      if step == start_step:  # Waits for this one step: results.json's time_to_first_step_s.
+        jax.block_until_ready((state, metrics))
+        segments.first_step_done()
       pending.append(metrics)
       done = step + 1
       at_log = done % tcfg.log_every == 0 or done == steps
@@ -413,7 +419,10 @@ def _steps(
     "tasks": list(program.tasks),
     "steps": steps,
     **finished,
-    **{k: totals.pop(k) for k in ("train_examples_per_sec", "step_time_s", "wall_s")},
+    **{
+      k: totals.pop(k)
+      for k in ("train_examples_per_sec", "step_time_s", "wall_s", "time_to_first_step_s")
+    },
     **peak_memory(),
     "params": counts,
     "init": origin,

@@ -25,6 +25,22 @@ from typing import Any
 SEGMENTS_NAME = "segments.json"
 
 
+def process_start_time(fallback: float) -> float:
+  """When this process started, on the ``time.time()`` clock (Linux: from /proc, to the clock
+  tick); ``fallback`` where that cannot be read.
+
+  ``/proc/self/stat`` gives the start in ticks since boot; its age against ``CLOCK_BOOTTIME``
+  (the clock the kernel counts it on) avoids /proc/stat's boot time, whole seconds only.
+  """
+  try:
+    fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # Field 22, starttime.
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - started
+  except (OSError, ValueError, IndexError, AttributeError):
+    return fallback
+  return time.time() - age if age >= 0 else fallback
+
+
 @dataclasses.dataclass
 class Segment:
   """What one process trained and how long it took.
@@ -36,6 +52,9 @@ class Segment:
     train_s: time in its logged windows, evaluation excluded, compilation included.
     timed_s / timed_steps / timed_examples: the same over the windows after its first (which
       holds the compilations), the basis of the rates.
+    time_to_first_step_s: from the process's start to the end of its first step (imports,
+      data, restore or init, compilation or the compilation cache's loads, the step itself);
+      None before that step. Not summed: each process waits for its own.
   """
 
   start_step: int
@@ -47,6 +66,7 @@ class Segment:
   timed_s: float = 0.0
   timed_steps: int = 0
   timed_examples: float = 0.0
+  time_to_first_step_s: float | None = None
 
 
 class Segments:
@@ -86,6 +106,11 @@ class Segments:
       s.timed_steps += steps
       s.timed_examples += examples
 
+  def first_step_done(self) -> None:
+    """Records :attr:`Segment.time_to_first_step_s` now: call it once the first step's results
+    are ready (blocked on: dispatch returns before the step has run)."""
+    self.current.time_to_first_step_s = time.time() - process_start_time(self.t_start)
+
   def all(self) -> list[Segment]:
     return [*self.previous, self.current]
 
@@ -106,7 +131,8 @@ class Segments:
     they are null only when no step was trained.
     """
     segs = self.all()
-    total = {f.name: sum(getattr(s, f.name) for s in segs) for f in dataclasses.fields(Segment)}
+    summed = [f.name for f in dataclasses.fields(Segment) if f.name != "time_to_first_step_s"]
+    total = {name: sum(getattr(s, name) for s in segs) for name in summed}
     seconds, steps, examples = total["timed_s"], total["timed_steps"], total["timed_examples"]
     if not steps:
       seconds, steps, examples = total["train_s"], total["steps"], total["examples"]
@@ -114,6 +140,7 @@ class Segments:
       "train_examples_per_sec": examples / seconds if steps and seconds else None,
       "step_time_s": seconds / steps if steps else None,
       "wall_s": total["wall_s"],
+      "time_to_first_step_s": self.current.time_to_first_step_s,
       "train_s": total["train_s"],
       "trained_steps": total["steps"],
       "train_examples": total["examples"],

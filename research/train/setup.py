@@ -28,8 +28,7 @@ import optax
 from research import errors, optim
 from research.train import checkpoints as ckpt_lib
 from research.train import parallel
-from research.train.state import TrainState, init_plan, model_family
-from research.transfer import graft as graft_lib
+from research.train.state import TrainState, encoder_config, init_plan, model_family
 from research.transfer import hf
 from research.transfer import peft as peft_lib
 
@@ -118,10 +117,11 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     value = _value(config, key)
     if value < 1:
       raise errors.UsageError(f"{key}={value}: must be >= 1")
-    if value % mesh.size:
+    rows = parallel.batch_devices(mesh)  # A tensor-parallel group shares its rows.
+    if value % rows:
       raise errors.UsageError(
-        f"{key}={value}: must be a multiple of the device count, {mesh.size} (each device gets "
-        "the same number of rows)"
+        f"{key}={value}: must be a multiple of the devices the batch is split over, {rows} "
+        "(data x fsdp; each gets the same number of rows)"
       )
   tcfg = config.train
   if "train.batch_size" in fields and tcfg.batch_size % tcfg.grad_accum:
@@ -232,6 +232,14 @@ def optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   if peft.method == "none" or tuple(config.optim.trainable):
     return config.optim
   out = copy.deepcopy(config.optim)
+  kinds = {task.kind for task in config.tasks.values()}
+  if kinds == {"seq2seq"} and model_family(config.model).seq2seq is not None:
+    # A pretrained encoder-decoder (research.models.seq2seq.FamilySeq2Seq) has no heads: its
+    # output layer is the family's own. BitFit then trains every bias of both stacks and
+    # ``final_logits_bias`` (the output layer's), as Ben Zaken et al. train all biases.
+    rules = peft_lib.trainable_rules(peft, ())
+    out.trainable = (r".*bias",) if peft.method == "bitfit" else rules
+    return out
   out.trainable = peft_lib.trainable_rules(peft, tuple(config.tasks))
   return out
 
@@ -252,7 +260,11 @@ def plan_state(
   )
   abstract = jax.eval_shape(create, rng)
   shardings = parallel.state_shardings(
-    abstract, mesh, config.parallel, default_rules=model_family(config.model).sharding_rules
+    abstract,
+    mesh,
+    config.parallel,
+    default_rules=model_family(config.model).sharding_rules,
+    model_config=encoder_config(config.model),  # Head counts for the tensor-parallel rules.
   )
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -321,7 +333,8 @@ def first_state(
   source = graft_source(config)
   if source is None:
     return state, {}, "scratch"
-  params, report = graft_lib.graft(
+  # peft's graft: a plain graft, except that a QLoRA base is quantised after loading.
+  params, report = peft_lib.graft(
     state.params,
     source[0],
     init_plan(config)[1],

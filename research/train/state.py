@@ -109,13 +109,13 @@ def build_model(
   MPNet...) or the one ``model.family`` names, such as the CNN.
 
   A kind that builds its own model does so instead: seq2seq tasks get an EncoderDecoder
-  (decoder: the encoder's architecture with ``model.decoder_overrides``; see
-  research.models.seq2seq). With ``model.peft`` the encoder
-  gets the method's parameters (what the optimizer then trains:
+  (decoder: the encoder's architecture with ``model.decoder_overrides``), or a pretrained
+  encoder-decoder family's own model (see research.models.seq2seq). With ``model.peft`` the
+  model gets the method's parameters (what the optimizer then trains:
   :func:`research.train.setup.optim_config`). ``config`` is not changed.
 
   Raises:
-    ValueError: ``model.peft`` on a seq2seq model (not wired for the decoder yet), or a kind
+    ValueError: ``model.peft`` on an EncoderDecoder (its added decoder has no LoRA), or a kind
       that builds its own model beside tasks of other kinds.
   """
   enc = encoder_config(config.model)

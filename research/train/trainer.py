@@ -102,7 +102,13 @@ class SupervisedProgram(loop.Program):
     for task, t in self.task_cfgs.items():
       make = lambda axis, task=task, t=t: _task_step(
         make_train_step(
-          model, task, t.kind, config.train.grad_accum, axis, loss_options=t.get("loss")
+          model,
+          task,
+          t.kind,
+          config.train.grad_accum,
+          axis,
+          loss_options=t.get("loss"),
+          trainable=run.trainable,
         ),
         self.mt["loss_weights"].get(task, 1.0),
       )

@@ -8,7 +8,8 @@ step, checkpoints and grafting serve all methods; PEFT leaves are absent from an
 so grafting leaves them at init, and their init makes the model equal to the base model.
 The config (:class:`PeftConfig`, re-exported here) and the layers belong to the models layer
 (research.models.config, research.models.peft_layers); this module holds what reads parameter
-trees and configs: the trainable rules, parameter counts and LoRA merging.
+trees and configs: the trainable rules, parameter counts, LoRA merging and the graft that
+quantises a QLoRA base after loading.
 
 - ``lora`` (Hu et al. 2021): ``y = x W + b + dropout(x) A B * alpha / rank`` on every projection
   whose module path fully matches one of ``lora_targets``; A is kaiming-uniform, B zeros.
@@ -19,6 +20,16 @@ trees and configs: the trainable rules, parameter counts and LoRA merging.
   the heads. Adapters have no counterpart in a plain HF BERT, so they cannot be exported.
 - ``bitfit`` (Ben Zaken et al. 2022): trains every encoder bias (LayerNorm biases included) and
   the heads.
+
+Two options build on LoRA (``method='lora'``), as peft and bitsandbytes have them:
+
+- ``use_dora`` (Liu et al. 2024): a target also trains ``lora_magnitude`` [out], and computes
+  ``x m (W + s A B) / ||W + s A B||_c`` with the column norm detached, as peft's DoRA; the
+  magnitude starts at ``||W||_c`` of the loaded kernel (:func:`graft` sets it after loading).
+- ``quantize='nf4'`` (QLoRA, Dettmers et al. 2023): every projection of the families' layers
+  stores its frozen kernel as ``kernel_nf4`` (4-bit NormalFloat codes, absmaxes quantised again
+  to 8 bits) and dequantises it inside the matmul; :func:`graft` quantises a loaded float
+  kernel after loading it, and the train step takes no gradient of the integer leaves.
 """
 
 from __future__ import annotations
@@ -31,7 +42,8 @@ from typing import Any
 from research import paths
 from research.models.config import PeftConfig
 
-LORA_LEAVES = ("lora_a", "lora_b")
+LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
+NF4 = "kernel_nf4"  # A QLoRA projection's stored kernel: research.models.peft_layers.nf4_quantize.
 ENCODER_NORMS = r"encoder/(.*/)?(layer_norm|attention_norm|output_norm)/(scale|bias)"
 
 
@@ -56,6 +68,8 @@ def from_config(cfg: Mapping[str, Any] | Any | None) -> PeftConfig:
 def trainable_rules(peft: PeftConfig, tasks: Sequence[str]) -> tuple[str, ...]:
   """The ``optim.trainable`` rules of ``peft.method``; everything else is frozen.
 
+  LoRA trains ``lora_a``/``lora_b`` and DoRA's ``lora_magnitude``; a QLoRA base
+  (``kernel_nf4``) is never trainable.
   The heads of ``tasks`` always train (they start at init). Adapters also train every encoder
   LayerNorm, following Houlsby et al.; BitFit's ``encoder/.*bias`` includes the LayerNorm
   biases. Other tasks' heads stay frozen.
@@ -65,7 +79,7 @@ def trainable_rules(peft: PeftConfig, tasks: Sequence[str]) -> tuple[str, ...]:
     return ()
   heads = tuple(f"heads/{re.escape(t)}/.*" for t in tasks)
   own = {
-    "lora": (r".*lora_(a|b)",),
+    "lora": (r".*lora_(a|b|magnitude)",),
     "adapters": (r".*adapter.*", ENCODER_NORMS),
     "bitfit": (r"encoder/.*bias",),
   }[peft.method]
@@ -73,7 +87,8 @@ def trainable_rules(peft: PeftConfig, tasks: Sequence[str]) -> tuple[str, ...]:
 
 
 def dense_modules(cfg: Any) -> dict[str, tuple[int, int]]:
-  """``{module path: (in, out)}`` of every linear projection (2-D ``kernel``) of ``cfg``'s encoder.
+  """``{module path: (in, out)}`` of every linear projection (2-D ``kernel``) of ``cfg``'s
+  encoder, or of its whole model for a pretrained encoder-decoder family (``Family.seq2seq``).
 
   Read from the family's module by ``jax.eval_shape`` (nothing is allocated), so every family
   with a ``peft`` field is covered by one definition: the BERT-like encoder's q/k/v/output,
@@ -87,13 +102,20 @@ def dense_modules(cfg: Any) -> dict[str, tuple[int, int]]:
   from research.models import families
 
   plain = cfg.replace(peft=None)  # The base architecture: no LoRA or adapter kernels.
-  module = families.family_of(plain).encoder(plain)
+  family = families.family_of(plain)
+  # An encoder-decoder family's whole model (its paths already start with encoder/, decoder/):
+  # its decoder's self- and cross-attention are targets too. A superset for a classifier on
+  # its encoder alone, which then simply has no decoder layers to put LoRA on.
+  whole = family.seq2seq is not None and not getattr(plain, "encoder_only", False)
+  module = (family.seq2seq if whole else family.encoder)(plain)
   ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
   shapes = jax.eval_shape(module.init, jax.random.key(0), ids)["params"]
   out = {}
   for path, leaf in paths.flatten(shapes).items():
     if path.endswith("/kernel") and len(leaf.shape) == 2:
-      out[f"encoder/{path[: -len('/kernel')]}"] = tuple(leaf.shape)
+      module_path = path[: -len("/kernel")] if whole else f"encoder/{path[: -len('/kernel')]}"
+      if module_path.startswith(("encoder/", "decoder/")):  # Not a whole model's lm_head.
+        out[module_path] = tuple(leaf.shape)
   return out
 
 
@@ -118,8 +140,9 @@ def lora_modules(cfg: Any, peft: PeftConfig) -> dict[str, tuple[int, int]]:
 def analytic_trainable_count(cfg: Any, peft: PeftConfig, head_param_count: int) -> int:
   """Trainable parameters of ``peft`` on ``cfg`` by formula (H hidden, I intermediate, L layers).
 
-  - lora: ``sum over targets of rank * (in + out)`` (2 r H per attention projection); any
-    family with a ``peft`` field. The other methods' formulas are the BERT-like encoder's.
+  - lora: ``sum over targets of rank * (in + out)`` (2 r H per attention projection), ``+ out``
+    with DoRA (the magnitude); any family with a ``peft`` field. The other methods' formulas
+    are the BERT-like encoder's.
   - adapters: ``n L (2 H m + m + H)`` with ``n`` adapters per layer (2 houlsby, 1 pfeiffer),
     bottleneck ``m``, plus the LayerNorms ``2 E + 4 H L`` (E: embedding width, usually H).
   - bitfit: ``L (7 H + I) + E`` (q/k/v/output, FFN and LayerNorm biases; embedding LayerNorm),
@@ -128,7 +151,9 @@ def analytic_trainable_count(cfg: Any, peft: PeftConfig, head_param_count: int) 
   Each plus ``head_param_count`` (heads always train).
   """
   if peft.method == "lora":
-    own = sum(peft.lora_rank * (a + b) for a, b in lora_modules(cfg, peft).values())
+    own = sum(
+      peft.lora_rank * (a + b) + b * peft.use_dora for a, b in lora_modules(cfg, peft).values()
+    )
     return own + head_param_count
   h, i, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
   e = cfg.embedding_size or h  # The embedding LayerNorm's width.
@@ -148,16 +173,24 @@ def analytic_trainable_count(cfg: Any, peft: PeftConfig, head_param_count: int) 
 def merge_lora(params: Mapping[str, Any], peft: PeftConfig) -> dict[str, Any]:
   """Folds every LoRA pair into its kernel (``W + A B * alpha / rank``) and drops the pairs.
 
-  The result is the plain tree of the base architecture, ready for ``hf.save_pretrained`` or a
-  model without PEFT; the arithmetic is fp32 at full precision, cast back to W's dtype.
+  With DoRA the folded kernel is DoRA's ``m * (W + s A B) / ||W + s A B||_c`` (the magnitude
+  dropped with the pair); an NF4 kernel (QLoRA), LoRA target or not, is dequantised to fp32
+  first. The result is
+  the plain tree of the base architecture, ready for ``hf.save_pretrained`` or a model without
+  PEFT; the arithmetic is fp32 at full precision, cast back to W's dtype.
 
   Raises:
-    ValueError: a ``lora_a`` without its ``lora_b`` or its ``kernel``.
+    ValueError: a ``lora_a`` without its ``lora_b`` or its kernel.
   """
   import jax
   import jax.numpy as jnp
 
+  from research.models import peft_layers
+
   flat = dict(paths.flatten(params))
+  for module in sorted({p[: -len(f"/{NF4}/codes")] for p in flat if p.endswith(f"/{NF4}/codes")}):
+    stored = {k: flat.pop(f"{module}/{NF4}/{k}") for k in ("codes", "absmax", "scale", "offset")}
+    flat[f"{module}/kernel"] = peft_layers.nf4_dequantize(stored, peft_layers.nf4_shape(stored))
   for path in [p for p in flat if p.endswith("/lora_a")]:
     module = path[: -len("/lora_a")]
     if f"{module}/lora_b" not in flat or f"{module}/kernel" not in flat:
@@ -168,11 +201,76 @@ def merge_lora(params: Mapping[str, Any], peft: PeftConfig) -> dict[str, Any]:
       jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), precision=jax.lax.Precision.HIGHEST
     )
     merged = jnp.asarray(kernel, jnp.float32) + delta * jnp.float32(peft.lora_scale)
+    magnitude = flat.pop(f"{module}/lora_magnitude", None)
+    if magnitude is not None:
+      merged = merged * (jnp.asarray(magnitude, jnp.float32) / peft_layers.column_norm(merged))
     flat[f"{module}/kernel"] = merged.astype(kernel.dtype)
   stray = [p for p in flat if p.rsplit("/", 1)[-1] in LORA_LEAVES]
   if stray:
-    raise ValueError(f"merge_lora: lora_b without lora_a at {stray[:3]}")
+    raise ValueError(f"merge_lora: lora_b or lora_magnitude without lora_a at {stray[:3]}")
   return paths.unflatten(flat)
+
+
+def graft(
+  target: Any, source: Any, rules: Sequence[tuple[str, str | None]], **kw: Any
+) -> tuple[Any, Any]:
+  """research.transfer.graft's ``graft``, for trees with a QLoRA base or DoRA magnitudes.
+
+  A float source kernel (an HF checkpoint, a LoRA run) is grafted as usual into a float twin
+  of each ``kernel_nf4`` and only then quantised (:func:`~research.models.peft_layers.
+  nf4_quantize`), so quantising always follows loading and the report names the source leaf;
+  a source that holds NF4 kernels itself (a QLoRA run) is grafted leaf for leaf. A DoRA
+  magnitude the source did not provide is set to the column norms of its grafted kernel (as the
+  model computes it: dequantised when stored in NF4), which is what the layer's init computes
+  from its random kernel and what peft's DoRA starts from. Without either the call is plain
+  ``graft``. Arguments and errors as ``graft``'s (``kw``: ``strict``, ``reinit_on_mismatch``).
+  """
+  import jax
+  import numpy as np
+
+  from research.models import peft_layers
+  from research.transfer import graft as graft_lib
+
+  flat = paths.flatten(target)
+  quantised = sorted({p[: -len(f"/{NF4}/codes")] for p in flat if p.endswith(f"/{NF4}/codes")})
+  if any(p.endswith(f"/{NF4}/codes") for p in paths.flatten(source)):
+    quantised = []  # A QLoRA run's params: its codes graft as they are.
+  magnitudes = [p for p in flat if p.endswith("/lora_magnitude")]
+  if not quantised and not magnitudes:
+    return graft_lib.graft(target, source, rules, **kw)
+  shapes = {m: peft_layers.nf4_shape({"codes": flat[f"{m}/{NF4}/codes"]}) for m in quantised}
+  twin = {p: v for p, v in flat.items() if not any(p.startswith(f"{m}/{NF4}/") for m in quantised)}
+  for module, shape in shapes.items():  # Zero-strided: no memory until a kernel is grafted.
+    twin[f"{module}/kernel"] = np.broadcast_to(np.zeros((), np.float32), shape)
+  grafted, report = graft_lib.graft(paths.unflatten(twin), source, rules, **kw)
+  done = paths.flatten(grafted)
+  moved = {t for t, _ in report.transferred}
+  kernels: dict[str, Any] = {}  # The kernel each module computes with, for DoRA's norm.
+  out: dict[str, Any] = {}
+  for module in quantised:
+    key = f"{module}/kernel"
+    if key in moved:
+      stored = peft_layers.nf4_quantize(np.asarray(done.pop(key)))
+      for k, v in stored.items():
+        out[f"{module}/{NF4}/{k}"] = jax.device_put(v, flat[f"{module}/{NF4}/{k}"].sharding)
+      kernels[module] = peft_layers.nf4_dequantize(stored, shapes[module])
+      report.transferred = [
+        (f"{module}/{NF4}" if t == key else t, s) for t, s in report.transferred
+      ]
+    else:
+      done.pop(key)
+      report.left_at_init = [f"{module}/{NF4}" if t == key else t for t in report.left_at_init]
+  for path in magnitudes:
+    module = path[: -len("/lora_magnitude")]
+    kernel = kernels.get(module)
+    if kernel is None and f"{module}/kernel" in moved:
+      kernel = done[f"{module}/kernel"]
+    if path in moved or kernel is None:
+      continue
+    norm = peft_layers.column_norm(jax.numpy.asarray(kernel, jax.numpy.float32))
+    out[path] = jax.device_put(norm.astype(flat[path].dtype), flat[path].sharding)
+  merged = {**flat, **{p: v for p, v in done.items() if p in flat}, **out}
+  return paths.map_with_path(lambda p, _: merged[p], target), report
 
 
 def adapter_paths(leaf_paths: Iterable[str]) -> list[str]:

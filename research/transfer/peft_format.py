@@ -121,6 +121,8 @@ def export_adapter(
 
   if peft.method != "lora":
     raise ValueError(f"model.peft.method={peft.method!r}: only LoRA adapters have a peft format")
+  if peft.use_dora:  # Writing A and B alone would silently drop the trained magnitudes.
+    raise ValueError("model.peft.use_dora: DoRA adapters are not exported yet; merge instead")
   flat = {p: np.asarray(x) for p, x in paths.flatten(params).items()}
   modules = sorted(p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a"))
   if not modules:

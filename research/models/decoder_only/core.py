@@ -21,7 +21,7 @@ out, the attention mask spanning the whole cache), and :func:`greedy_generate` r
 then one token per ``lax.scan`` step, as transformers' greedy ``generate``.
 
 Forward: every family's model is a :class:`CausalLM`: :func:`prepare` (cache check, positions,
-causal bias), the family's own embeddings, :func:`run_layers` (the ``layer_N`` stack, remat, the
+causal mask), the family's own embeddings, :func:`run_layers` (the ``layer_N`` stack, remat, the
 cache) and its own final norm, then :func:`outputs` (the features dict, LM logits, the cache),
 so the families differ only where their architectures do.
 """
@@ -39,11 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.models import peft_layers
-from research.models.common import dropout
+from research.models.common import attention, dropout
 from research.models.config import PeftConfig
 
 Array = jax.Array
-NEG = float(np.finfo(np.float32).min)  # Additive mask: finite, so fully masked rows stay finite.
 LM_HEAD = "lm_head.weight"  # The untied output layer of every *ForCausalLM / *LMHeadModel.
 ROPE_TYPES = ("default", "linear", "llama3")
 # Every decoder family's ``tiny`` sizes (for tests), kept in one place so they stay alike.
@@ -108,19 +107,20 @@ def position_ids(
   return jax.lax.dynamic_slice_in_dim(counted, offset, length, axis=1)
 
 
-def causal_bias(mask: Array, offset: Array | int = 0, length: int | None = None) -> Array:
-  """``[B, 1, length, S]`` fp32 additive bias over the ``S`` keys of ``mask``: the query at
-  column ``offset + i`` sees keys ``j <= offset + i`` that are not padding.
+def causal_mask(mask: Array, offset: Array | int = 0, length: int | None = None) -> Array:
+  """``[B, 1, length, S]`` boolean mask over the ``S`` keys of ``mask``: the query at column
+  ``offset + i`` sees keys ``j <= offset + i`` that are not padding.
 
   A padded query (left padding: one with no real key before it) sees nothing and gets uniform
-  weights over finite logits instead of NaNs; its output is padding and ignored downstream.
+  weights (research.models.common's ``attention`` masks with a finite value) instead of NaNs;
+  its output is padding and ignored downstream. A mask rather than ``is_causal``: with a cache
+  the queries sit at ``offset``, and the padding has to be masked anyway.
   """
   s = mask.shape[-1]
   length = s if length is None else length
   queries = offset + jnp.arange(length, dtype=jnp.int32)
   causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= queries[:, None]
-  allowed = causal[None, None] & (mask[:, None, None, :] > 0)
-  return jnp.where(allowed, 0.0, NEG).astype(jnp.float32)
+  return causal[None, None] & (mask[:, None, None, :] > 0)
 
 
 def init_cache(cfg: Any, batch: int, length: int, dtype: Any = jnp.float32) -> dict[str, Any]:
@@ -140,12 +140,13 @@ def prepare(
   positions: Array | None,
   cache: Any,
 ) -> tuple[Array | int, Array, Array]:
-  """``(index, positions, bias)`` for a decoder call on ``input_ids``: every family starts its
+  """``(index, positions, mask)`` for a decoder call on ``input_ids``: every family starts its
   forward the same way, so the cache check, position numbering and mask live once.
 
   ``index`` is where the new tokens sit in the cache (0 without one); ``positions`` are the
-  caller's or :func:`position_ids` per ``cfg.position_ids_from_mask``; ``bias`` is
-  :func:`causal_bias`. A missing ``attention_mask`` means every token is real.
+  caller's or :func:`position_ids` per ``cfg.position_ids_from_mask``; ``mask`` is
+  :func:`causal_mask` (the layers pass it to :func:`attend`). A missing ``attention_mask``
+  means every token is real.
 
   Raises:
     ValueError: ``attention_mask`` does not span the whole ``cache``.
@@ -157,7 +158,7 @@ def prepare(
   index, length = (0 if cache is None else cache["index"]), input_ids.shape[1]
   if positions is None:
     positions = position_ids(attention_mask, cfg.position_ids_from_mask, index, length)
-  return index, positions, causal_bias(attention_mask, index, length)
+  return index, positions, causal_mask(attention_mask, index, length)
 
 
 def run_layers(
@@ -235,9 +236,9 @@ class CausalLM(nn.Module):
     """``(first hidden states, the word-embedding table)``; builds ``embeddings``."""
     raise NotImplementedError
 
-  def layer_args(self, bias: Array, positions: Array) -> tuple[Array, ...]:
-    """What every layer takes after ``x``: the causal bias and, for rotary layers, positions."""
-    return bias, positions
+  def layer_args(self, mask: Array, positions: Array) -> tuple[Array, ...]:
+    """What every layer takes after ``x``: the causal mask and, for rotary layers, positions."""
+    return mask, positions
 
   def final_norm(self, x: Array) -> Array:
     """The norm after the last layer; builds ``final_norm``."""
@@ -257,9 +258,9 @@ class CausalLM(nn.Module):
     cache: Any = None,
   ) -> dict[str, Any]:
     del token_type_ids, first_token_only
-    index, positions, bias = prepare(self.config, input_ids, attention_mask, position_ids, cache)
+    index, positions, mask = prepare(self.config, input_ids, attention_mask, position_ids, cache)
     x, table = self.embed(input_ids, positions, deterministic)
-    args = self.layer_args(bias, positions)
+    args = self.layer_args(mask, positions)
     x, cache = run_layers(
       self, self.layer_type, x, args, deterministic, cache, index, self.indexed_layers
     )
@@ -267,7 +268,7 @@ class CausalLM(nn.Module):
 
 
 def check_cache(cache: Any, mask: Array) -> None:
-  """Raises ValueError unless ``mask`` spans the whole cache (what decoding's bias needs)."""
+  """Raises ValueError unless ``mask`` spans the whole cache (what decoding's mask needs)."""
   length = cache["layers"][0]["key"].shape[1] if cache["layers"] else mask.shape[1]
   if mask.shape[1] != length:
     raise ValueError(
@@ -291,26 +292,25 @@ def attend(
   q: Array,
   k: Array,
   v: Array,
-  bias: Array,
+  mask: Array,
   scale: float,
   rate: float,
   deterministic: bool,
 ) -> Array:
-  """Softmax attention with grouped keys/values: ``q [B,T,H,D]``, ``k, v [B,S,K,D]`` (K | H).
+  """Softmax attention with grouped keys/values: ``q [B,T,H,D]``, ``k, v [B,S,K,D]`` (K | H),
+  ``mask`` the boolean :func:`causal_mask` (an fp32 additive bias is accepted too).
 
   Each of the K key/value heads serves H/K query heads (grouped-query attention; K == H is
-  plain multi-head). Logits and softmax in fp32, the weighted sum in the inputs' dtype.
+  plain multi-head), which ``jax.nn.dot_product_attention`` does natively, through
+  research.models.common's ``attention``: logits and softmax in fp32, the weighted sum in the
+  inputs' dtype; attention dropout at ``rate`` when not ``deterministic``.
   Returns ``[B, T, H, D]``.
   """
-  b, t, h, d = q.shape
-  groups = h // k.shape[2]
-  q = q.reshape(b, t, k.shape[2], groups, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  logits = logits * np.float32(scale) + bias[:, :, None]
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  weights = dropout(module, weights, rate, deterministic)
-  out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
-  return out.reshape(b, t, h, d)
+  drop = None
+  if rate and not deterministic:
+    drop = lambda w: dropout(module, w, rate, deterministic)
+  masks = dict(mask=mask) if mask.dtype == jnp.bool_ else dict(bias=mask)
+  return attention(q, k, v.astype(k.dtype), scale=scale, weights_dropout=drop, **masks)
 
 
 class RMSNorm(nn.Module):

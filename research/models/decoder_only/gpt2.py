@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from research.models.common import ACTIVATIONS, dropout, layer_norm
 from research.models.config import PeftConfig
 from research.models.decoder_only import core
-from research.models.family import Family
+from research.models.family import MATRIX_SHARDING, Family
 
 Array = jax.Array
 PREFIX = "transformer."
@@ -283,6 +283,18 @@ def leaf_map(cfg: GPT2Config) -> dict[str, str]:
 
 # Conv1D weights are [in, out] already; only the nn.Linear LM head is transposed.
 _TENSORS = core.linear_kernels(lambda path: path.startswith("encoder/lm_head/"))
+# Tensor parallelism for the MLP and the (tied) word embeddings only. The fused qkv kernel
+# [D, 3D] holds q | k | v side by side: a contiguous split of its output would give one device
+# all of q and part of k, so every layer would move columns between devices. It and the
+# attention output stay on fsdp alone (True); attention runs whole on each tensor device.
+SHARDING = (
+  (".*attention/(qkv|output)/kernel", True),
+  (".*ffn/intermediate/kernel", ("fsdp", "tensor")),
+  (".*ffn/intermediate/bias", ("tensor",)),
+  (".*ffn/output/kernel", ("tensor", "fsdp")),
+  (".*word_embeddings/embedding", ("tensor", "fsdp")),
+  *MATRIX_SHARDING,
+)
 
 FAMILY = Family(
   name="gpt2",
@@ -296,5 +308,6 @@ FAMILY = Family(
   from_hf_tensor=_TENSORS,
   legacy_names=core.without_prefix(PREFIX),
   fit_to_weights=core.fit_lm_head,
+  sharding_rules=SHARDING,
   tiny=GPT2Config.tiny,
 )

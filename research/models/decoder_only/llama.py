@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from research.models.common import ACTIVATIONS, dropout
 from research.models.config import PeftConfig
 from research.models.decoder_only import core
-from research.models.family import Family
+from research.models.family import HEADS, KV_HEADS, MATRIX_SHARDING, Family
 
 Array = jax.Array
 PREFIX = "model."
@@ -334,6 +334,25 @@ def leaf_map(cfg: LlamaConfig) -> dict[str, str]:
   return core.head_weights(cfg, names)
 
 
+# Megatron-style: q/k/v column-parallel over heads, the attention output row-parallel, gate/up
+# column- and down row-parallel, embeddings and an untied LM head over the vocabulary. With GQA
+# k/v are split only when the tensor axis divides num_kv_heads; otherwise they are replicated
+# (each device projects all kv heads, a small matmul) while q, the output and the MLP stay split.
+SHARDING = (
+  (".*attention/query/kernel", ("fsdp", HEADS)),
+  (".*attention/query/bias", (HEADS,)),
+  (".*attention/(key|value)/kernel", ("fsdp", KV_HEADS)),
+  (".*attention/(key|value)/bias", (KV_HEADS,)),
+  (".*attention/output/kernel", (HEADS, "fsdp")),
+  (".*ffn/(gate|up)/kernel", ("fsdp", "tensor")),
+  (".*ffn/(gate|up)/bias", ("tensor",)),
+  (".*ffn/down/kernel", ("tensor", "fsdp")),
+  (".*word_embeddings/embedding", ("tensor", "fsdp")),
+  (".*lm_head/kernel", ("fsdp", "tensor")),
+  *MATRIX_SHARDING,
+)
+
+
 def _family(name: str) -> Family:
   cls = CONFIG_TYPES[name]
   return Family(
@@ -347,6 +366,7 @@ def _family(name: str) -> Family:
     legacy_names=core.without_prefix(PREFIX),
     fit_to_weights=core.fit_lm_head,
     buffers=(),
+    sharding_rules=SHARDING,
     tiny=lambda **kw: tiny(cls, **kw),
   )
 
