@@ -3,7 +3,8 @@
 LoRA on T5 runs through the real trainer on a checkpoint made by transformers: the frozen base
 comes out bitwise unchanged, only the LoRA matrices have optimizer state, and they move. BART
 and Marian get LoRA in both stacks, and with ``lora_b`` at zero their logits are the base
-model's exactly. BitFit and adapters are refused where a family cannot have them.
+model's exactly. BitFit is refused where a family cannot have it (T5: no biases); adapters
+are tests/test_seq2seq_adapters.py's.
 (``pytest tests/test_seq2seq_peft.py``.)
 """
 
@@ -148,8 +149,6 @@ def test_lora_bart_marian_encoder_and_decoder_with_zero_b_is_the_base_model(fami
   "family, method, message",
   [
     ("t5", "bitfit", "the t5 family has no biases"),
-    ("t5", "adapters", "not implemented for the t5 family"),
-    ("bart", "adapters", "not implemented for the bart family"),
   ],
 )
 def test_lora_t5_bart_refuse_peft_methods_they_cannot_have(family, method, message):

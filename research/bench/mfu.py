@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
       f"{flops / med / 1e12:8.2f} {shown} {steps[kernel].first_s:12.1f}"
     )
   first = mfus[kernels[0]]
-  print(f"mfu_pct={first:.1f}" if first is not None else "mfu_pct=n/a")
+  print(f"mfu_pct={first:.3g}" if first is not None else "mfu_pct=n/a")
   return 0
 
 

@@ -237,8 +237,13 @@ def optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     # A pretrained encoder-decoder (research.models.seq2seq.FamilySeq2Seq) has no heads: its
     # output layer is the family's own. BitFit then trains every bias of both stacks and
     # ``final_logits_bias`` (the output layer's), as Ben Zaken et al. train all biases.
+    # Adapters train every norm of both stacks (the decoder's too), as Houlsby et al. do.
     rules = peft_lib.trainable_rules(peft, ())
-    out.trainable = (r".*bias",) if peft.method == "bitfit" else rules
+    if peft.method == "bitfit":
+      rules = (r".*bias",)
+    elif peft.method == "adapters":
+      rules = (r".*adapter.*", peft_lib.SEQ2SEQ_NORMS)
+    out.trainable = rules
     return out
   out.trainable = peft_lib.trainable_rules(peft, tuple(config.tasks))
   return out

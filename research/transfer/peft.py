@@ -17,7 +17,9 @@ quantises a QLoRA base after loading.
 - ``adapters`` (Houlsby et al. 2019; Pfeiffer et al. 2020): ``h + up(gelu(down(h)))`` with a
   zero ``up``, after the attention output and after the FFN (``houlsby``) or after the FFN
   only (``pfeiffer``). Trains the adapters, every encoder LayerNorm (as Houlsby et al. do) and
-  the heads. Adapters have no counterpart in a plain HF BERT, so they cannot be exported.
+  the heads; on a pretrained encoder-decoder, every norm of both stacks (:data:`SEQ2SEQ_NORMS`,
+  research.train.setup.optim_config), with the decoder's cross-attention adapted too.
+  Adapters have no counterpart in a plain HF model, so they cannot be exported.
 - ``bitfit`` (Ben Zaken et al. 2022): trains every encoder bias (LayerNorm biases included) and
   the heads.
 
@@ -45,6 +47,9 @@ from research.models.config import PeftConfig
 LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
 NF4 = "kernel_nf4"  # A QLoRA projection's stored kernel: research.models.peft_layers.nf4_quantize.
 ENCODER_NORMS = r"encoder/(.*/)?(layer_norm|attention_norm|output_norm)/(scale|bias)"
+# Every norm of both stacks of a pretrained encoder-decoder (T5's RMS scales, BART's
+# LayerNorms): what adapters train beside themselves there, as Houlsby et al. train every norm.
+SEQ2SEQ_NORMS = r"(encoder|decoder)/(.*/)?\w*norm/(scale|bias)"
 
 
 def from_config(cfg: Mapping[str, Any] | Any | None) -> PeftConfig:
@@ -144,12 +149,15 @@ def analytic_trainable_count(cfg: Any, peft: PeftConfig, head_param_count: int) 
     with DoRA (the magnitude); any family with a ``peft`` field. The other methods' formulas
     are the BERT-like encoder's.
   - adapters: ``n L (2 H m + m + H)`` with ``n`` adapters per layer (2 houlsby, 1 pfeiffer),
-    bottleneck ``m``, plus the LayerNorms ``2 E + 4 H L`` (E: embedding width, usually H).
+    bottleneck ``m``, plus the LayerNorms ``2 E + 4 H L`` (E: embedding width, usually H);
+    an encoder-decoder family's whole model: :func:`seq2seq_adapter_count`.
   - bitfit: ``L (7 H + I) + E`` (q/k/v/output, FFN and LayerNorm biases; embedding LayerNorm),
     ``+ H`` for a pooler and ``+ H`` for an embedding projection.
   - none: every encoder parameter.
   Each plus ``head_param_count`` (heads always train).
   """
+  if peft.method == "adapters" and _seq2seq(cfg):
+    return seq2seq_adapter_count(cfg, peft) + head_param_count
   if peft.method == "lora":
     own = sum(
       peft.lora_rank * (a + b) + b * peft.use_dora for a, b in lora_modules(cfg, peft).values()
@@ -168,6 +176,43 @@ def analytic_trainable_count(cfg: Any, peft: PeftConfig, head_param_count: int) 
     norms = 4 * h * n_layers
     own = embeddings + norms + sum(a * b + b for a, b in dense_modules(cfg).values())
   return own + head_param_count
+
+
+def _seq2seq(cfg: Any) -> bool:
+  """Whether ``cfg`` is a pretrained encoder-decoder family with a decoder (its counts are
+  the whole model's, as :func:`dense_modules`' are, even for a classifier on its encoder)."""
+  from research.models import families
+
+  family = families.family_of(cfg.replace(peft=None))
+  return family.seq2seq is not None and not getattr(cfg, "encoder_only", False)
+
+
+def seq2seq_adapter_count(cfg: Any, peft: PeftConfig) -> int:
+  """Trainable parameters of ``adapters`` on a pretrained encoder-decoder (T5, BART, Marian).
+
+  ``(2 H m + m + H)`` per adapter: ``n`` per encoder layer and ``n`` per decoder layer, plus
+  one on each decoder cross-attention with Houlsby's placement; plus every norm of both stacks
+  (:data:`SEQ2SEQ_NORMS`), read by ``jax.eval_shape`` as the families' norms differ (RMS
+  scales or LayerNorms, embedding and final norms or not).
+  """
+  import math
+
+  import jax
+  import jax.numpy as jnp
+
+  from research.models import families
+
+  plain = cfg.replace(peft=None)
+  ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  module = families.family_of(plain).seq2seq(plain)
+  shapes = paths.flatten(jax.eval_shape(module.init, jax.random.key(0), ids)["params"])
+  norms = sum(math.prod(v.shape) for p, v in shapes.items() if re.fullmatch(SEQ2SEQ_NORMS, p))
+  # ``num_layers`` is the encoder's in both config types; the decoder's is named per family.
+  decoder_layers = getattr(cfg, "decoder_layers", None) or cfg.num_decoder_layers
+  cross = decoder_layers * ("attention_adapter" in peft.adapter_modules)
+  count = len(peft.adapter_modules) * (cfg.num_layers + decoder_layers) + cross
+  h, m = cfg.hidden_size, peft.adapter_size
+  return count * (2 * h * m + m + h) + norms
 
 
 def merge_lora(params: Mapping[str, Any], peft: PeftConfig) -> dict[str, Any]:

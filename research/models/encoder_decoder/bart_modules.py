@@ -63,8 +63,9 @@ class BartConfig:
   out ``final_logits_bias`` (base-model checkpoints have none; transformers then uses zeros).
   The token ids are what generation needs; ``hf_config_json`` keeps the source config.json so
   an export writes back what this config does not model. ``peft`` adds LoRA to the encoder's
-  and decoder's q/k/v/output and FFN projections its targets name (``lora``) or trains the
-  biases (``bitfit``); bottleneck adapters are not built into these layers.
+  and decoder's q/k/v/output and FFN projections its targets name (``lora``), bottleneck
+  adapters to every layer of both stacks (``adapters``, :class:`Layer`), or trains the biases
+  (``bitfit``).
   """
 
   model_type: str = "bart"
@@ -101,11 +102,6 @@ class BartConfig:
   peft: PeftConfig | None = None
 
   def __post_init__(self):
-    if self.peft is not None and self.peft.method == "adapters":
-      raise ValueError(
-        f"model.peft.method='adapters' is not implemented for the {self.model_type} family; "
-        "use 'lora' or 'bitfit'"
-      )
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"activation {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
     if self.positions not in ("learned", "sinusoidal"):
@@ -298,6 +294,13 @@ class Layer(nn.Module):
 
   Each block is ``norm(x + dropout(f(x)))`` (post-LN: BART, Marian) or ``x +
   dropout(f(norm(x)))`` (``pre_norm``: mBART); the norms keep their names either way.
+
+  With adapters (``peft.method='adapters'``), ``ffn_adapter`` and, for the Houlsby placement,
+  ``attention_adapter`` and (decoder) ``cross_attention_adapter`` transform a block's
+  ``dropout(f(.))`` before the residual sum: post-LN ``norm(x + adapter(dropout(f(x))))``, as
+  the BERT-like encoder places them (Houlsby et al.); pre-LN ``x + adapter(dropout(f(norm(x))))``,
+  the same spot on the sublayer's output, since a pre-LN block has no norm after the sum. The
+  cross-attention is an attention sublayer, so Houlsby adapts it too.
   """
 
   config: BartConfig
@@ -319,15 +322,28 @@ class Layer(nn.Module):
       self.cross_attention_norm = _norm(self)
     self.ffn = FeedForward(cfg, width, **_kw(self))
     self.ffn_norm = _norm(self)
+    modules = cfg.peft.adapter_modules if cfg.peft is not None else ()
+    adapter = lambda: peft_layers.Adapter(cfg.peft.adapter_size, **_kw(self))
+    if "attention_adapter" in modules:
+      self.attention_adapter = adapter()
+      if self.cross:
+        self.cross_attention_adapter = adapter()
+    if "ffn_adapter" in modules:
+      self.ffn_adapter = adapter()
 
-  def _block(self, x: Array, norm: nn.Module, f: Any, deterministic: bool) -> tuple[Array, Any]:
-    """One residual block around ``f`` (which returns ``(h, extra)``); returns ``(x, extra)``."""
+  def _block(
+    self, x: Array, norm: nn.Module, f: Any, deterministic: bool, adapter: str
+  ) -> tuple[Array, Any]:
+    """One residual block around ``f`` (which returns ``(h, extra)``); returns ``(x, extra)``.
+    The submodule named ``adapter``, when this layer has one, adapts the block's output."""
     cfg = self.config
+    adapt = getattr(self, adapter) if hasattr(self, adapter) else lambda h: h
     if cfg.pre_norm:
       h, extra = f(norm(x).astype(self.dtype))
-      return x + dropout(self, h, cfg.hidden_dropout, deterministic), extra
+      return x + adapt(dropout(self, h, cfg.hidden_dropout, deterministic)), extra
     h, extra = f(x)
-    return norm(x + dropout(self, h, cfg.hidden_dropout, deterministic)).astype(self.dtype), extra
+    h = adapt(dropout(self, h, cfg.hidden_dropout, deterministic))
+    return norm(x + h).astype(self.dtype), extra
 
   def __call__(
     self,
@@ -353,7 +369,7 @@ class Layer(nn.Module):
         k, v, new = core.write_cache(own, index, k, v)
       return self.attention(h, k, v, bias, deterministic), new
 
-    x, new = self._block(x, self.attention_norm, self_attention, deterministic)
+    x, new = self._block(x, self.attention_norm, self_attention, deterministic, "attention_adapter")
     if self.cross:
 
       def cross_attention(h: Array) -> tuple[Array, None]:
@@ -363,10 +379,11 @@ class Layer(nn.Module):
           k, v = cache[1]["key"].astype(h.dtype), cache[1]["value"].astype(h.dtype)
         return self.cross_attention(h, k, v, memory_bias, deterministic), None
 
-      x, _ = self._block(x, self.cross_attention_norm, cross_attention, deterministic)
-    x, _ = self._block(
-      x, self.ffn_norm, lambda h: (self.ffn(h, deterministic), None), deterministic
-    )
+      x, _ = self._block(
+        x, self.cross_attention_norm, cross_attention, deterministic, "cross_attention_adapter"
+      )
+    ffn = lambda h: (self.ffn(h, deterministic), None)
+    x, _ = self._block(x, self.ffn_norm, ffn, deterministic, "ffn_adapter")
     return x, new
 
 

@@ -67,8 +67,8 @@ class T5Config:
   output layer is the token table (no ``lm_head``) and ``scale_decoder_outputs`` the
   ``d_model ** -0.5`` before it (T5 v1.0); ``encoder_only`` is a checkpoint without decoder
   weights (``T5EncoderModel``): its encoder serves classification, and no seq2seq model is
-  built from it. ``peft`` adds LoRA to the projections its targets name (BitFit and adapters
-  are refused: T5 has no biases, and its layers build no adapters).
+  built from it. ``peft`` adds LoRA to the projections its targets name, or bottleneck
+  adapters to every layer of both stacks (:func:`_adapt`); BitFit is refused: T5 has no biases.
   """
 
   model_type: str = "t5"
@@ -99,11 +99,6 @@ class T5Config:
   def __post_init__(self):
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
-    if self.peft is not None and self.peft.method == "adapters":
-      raise ValueError(
-        f"model.peft.method='adapters' is not implemented for the {self.model_type} family; "
-        "use 'lora'"
-      )
     if self.peft is not None and self.peft.method == "bitfit":
       # Training the RMS norm scales instead would be another method, not BitFit.
       raise ValueError(
@@ -424,6 +419,23 @@ def _norm(module: _Block, name: str) -> RMSNorm:
   return RMSNorm(module.config.layer_norm_eps, name=name, **kw)
 
 
+def _adapt(module: _Block, h: Array, name: str, deterministic: bool) -> Array:
+  """``dropout(h)`` of a sublayer's output, through the adapter ``name`` where
+  ``peft.adapter_placement`` puts one (``ffn_adapter``; with Houlsby's also
+  ``attention_adapter`` and ``cross_attention_adapter``, cross-attention being an attention
+  sublayer). The caller adds it to the residual: T5's blocks are pre-norm, so the adapter sits
+  where the BERT-like encoder's does, on the sublayer's output before the residual sum, and no
+  norm follows. With ``up`` at zero the adapter is the identity, the base model exactly.
+  """
+  cfg = module.config
+  h = dropout(module, h, cfg.hidden_dropout, deterministic)
+  modules = cfg.peft.adapter_modules if cfg.peft is not None else ()
+  if name.removeprefix("cross_") not in modules:
+    return h
+  kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+  return peft_layers.Adapter(cfg.peft.adapter_size, name=name, **kw)(h)
+
+
 def _owns_bias(cfg: T5Config, index: int) -> bool:
   return index == 0 or cfg.relative_bias_every_layer
 
@@ -447,9 +459,9 @@ class EncoderLayer(_Block):
       position_bias=position_bias,
       buckets=buckets,
     )
-    x = x + dropout(self, h, cfg.hidden_dropout, deterministic)
+    x = x + _adapt(self, h, "attention_adapter", deterministic)
     h = FeedForward(cfg, name="ffn", **kw)(_norm(self, "ffn_norm")(x), deterministic)
-    return x + dropout(self, h, cfg.hidden_dropout, deterministic), position_bias
+    return x + _adapt(self, h, "ffn_adapter", deterministic), position_bias
 
 
 class Embeddings(nn.Module):
@@ -550,13 +562,13 @@ class DecoderLayer(_Block):
       buckets=buckets,
       cache=cache,
     )
-    x = x + dropout(self, h, cfg.hidden_dropout, deterministic)
+    x = x + _adapt(self, h, "attention_adapter", deterministic)
     h, _, _ = cross(
       _norm(self, "cross_attention_norm")(x), cross_bias, deterministic, source=memory, kv=kv
     )
-    x = x + dropout(self, h, cfg.hidden_dropout, deterministic)
+    x = x + _adapt(self, h, "cross_attention_adapter", deterministic)
     h = FeedForward(cfg, name="ffn", **kw)(_norm(self, "ffn_norm")(x), deterministic)
-    return x + dropout(self, h, cfg.hidden_dropout, deterministic), position_bias, cache
+    return x + _adapt(self, h, "ffn_adapter", deterministic), position_bias, cache
 
 
 class T5Decoder(_Block):
