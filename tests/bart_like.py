@@ -199,3 +199,44 @@ def check_generate(
         ours["scores"], out.sequences_scores.numpy(), atol=TOL, err_msg=str(gen)
       )
   return ends
+
+
+def check_parity(name: str, cfg: Any, params: dict[str, Any], model: Any) -> None:
+  """Our encoder alone, the full model's ``encode``, teacher-forced logits and cached decoding
+  against the transformers ``model``, each within :data:`TOL` at real tokens."""
+  batch = inputs(cfg)
+  hidden, logits = theirs(model, batch)
+  alone, memory, mine = ours(cfg, params, batch)
+  src, tgt = batch["attention_mask"], batch["decoder_attention_mask"]
+  diffs = {
+    "encoder alone": max_diff(alone, hidden, src),
+    "encode": max_diff(memory, hidden, src),
+    "logits": max_diff(mine, logits, tgt),
+    # Step by step without a target mask: at real (right-padded) targets the causal mask
+    # already hides the later padding, so the two must agree there.
+    "decode_step": max_diff(cached_logits(cfg, params, batch), mine, tgt),
+  }
+  print(name, {k: f"{v:.1e}" for k, v in diffs.items()})
+  assert all(v <= TOL for v in diffs.values()), diffs
+
+
+def check_export(directory: Path, model: Any, out: Path) -> None:
+  """The checkpoint in ``directory`` loaded, exported to ``out`` and loaded by transformers
+  with no key missing or unexpected, the same outputs, and the same config and params back."""
+  import jax
+  import transformers
+
+  cfg, params = load(directory)
+  hf.save_pretrained(out, cfg, params)
+  loaded, info = transformers.AutoModelForSeq2SeqLM.from_pretrained(
+    str(out), output_loading_info=True
+  )
+  assert type(loaded) is type(model)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  batch = inputs(cfg)
+  (h1, l1), (h2, l2) = theirs(loaded.eval(), batch), theirs(model, batch)
+  assert max_diff(h1, h2, batch["attention_mask"]) <= TOL
+  assert max_diff(l1, l2, batch["decoder_attention_mask"]) <= TOL
+  again, params2 = load(out)
+  assert again == cfg.replace(hf_config_json=again.hf_config_json)
+  jax.tree.map(np.testing.assert_array_equal, params2, params)

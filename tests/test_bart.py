@@ -67,39 +67,13 @@ def test_bart_mbart_parity_encoder_logits_and_cached_decode(checkpoints, name):
   cfg, params = bart_like.load(directory)
   assert families.family_of(cfg).name == CASES[name][3]
   assert families.family_of(cfg).seq2seq is bart_modules.BartModel
-  batch = bart_like.inputs(cfg)
-  hidden, logits = bart_like.theirs(model, batch)
-  alone, memory, mine = bart_like.ours(cfg, params, batch)
-  src, tgt = batch["attention_mask"], batch["decoder_attention_mask"]
-  diffs = {
-    "encoder alone": max_diff(alone, hidden, src),
-    "encode": max_diff(memory, hidden, src),
-    "logits": max_diff(mine, logits, tgt),
-    # Step by step without a target mask: at real (right-padded) targets the causal mask
-    # already hides the later padding, so the two must agree there.
-    "decode_step": max_diff(bart_like.cached_logits(cfg, params, batch), mine, tgt),
-  }
-  print(name, {k: f"{v:.1e}" for k, v in diffs.items()})
-  assert all(v <= TOL for v in diffs.values()), diffs
+  bart_like.check_parity(name, cfg, params, model)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bart_mbart_export_loads_in_transformers_cleanly(checkpoints, tmp_path, name):
   directory, model = checkpoints(name)
-  cfg, params = bart_like.load(directory)
-  hf.save_pretrained(tmp_path, cfg, params)
-  loaded, info = transformers.AutoModelForSeq2SeqLM.from_pretrained(
-    str(tmp_path), output_loading_info=True
-  )
-  assert type(loaded) is type(model)
-  assert not info["missing_keys"] and not info["unexpected_keys"], info
-  batch = bart_like.inputs(cfg)
-  (h1, l1), (h2, l2) = bart_like.theirs(loaded.eval(), batch), bart_like.theirs(model, batch)
-  assert max_diff(h1, h2, batch["attention_mask"]) <= TOL
-  assert max_diff(l1, l2, batch["decoder_attention_mask"]) <= TOL
-  again, params2 = bart_like.load(tmp_path)
-  assert again == cfg.replace(hf_config_json=again.hf_config_json)
-  jax.tree.map(np.testing.assert_array_equal, params2, params)
+  bart_like.check_export(directory, model, tmp_path)
 
 
 @pytest.mark.parametrize("name", list(CASES))

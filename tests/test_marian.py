@@ -9,14 +9,11 @@ search). The sinusoidal position table is checked against transformers' own, val
 """
 
 import bart_like
-import jax
 import numpy as np
 import pytest
-from bart_like import TOL, max_diff
 
 from research.models import families
 from research.models.encoder_decoder import bart, bart_modules, marian
-from research.transfer import hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -77,37 +74,13 @@ def test_marian_parity_encoder_logits_and_cached_decode(checkpoints, name):
   assert cfg.target_vocab_size == kw.get("decoder_vocab_size", 99)
   assert ("embeddings" in params["decoder"]) == ("decoder_vocab_size" in kw)  # Only a table.
   assert ("lm_head" in params) == (kw.get("tie_word_embeddings") is False)
-  batch = bart_like.inputs(cfg)
-  hidden, logits = bart_like.theirs(model, batch)
-  alone, memory, mine = bart_like.ours(cfg, params, batch)
-  src, tgt = batch["attention_mask"], batch["decoder_attention_mask"]
-  diffs = {
-    "encoder alone": max_diff(alone, hidden, src),
-    "encode": max_diff(memory, hidden, src),
-    "logits": max_diff(mine, logits, tgt),
-    "decode_step": max_diff(bart_like.cached_logits(cfg, params, batch), mine, tgt),
-  }
-  print(name, {k: f"{v:.1e}" for k, v in diffs.items()})
-  assert all(v <= TOL for v in diffs.values()), diffs
+  bart_like.check_parity(name, cfg, params, model)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_marian_export_loads_in_transformers_cleanly(checkpoints, tmp_path, name):
   directory, model = checkpoints(name)
-  cfg, params = bart_like.load(directory)
-  hf.save_pretrained(tmp_path, cfg, params)
-  loaded, info = transformers.AutoModelForSeq2SeqLM.from_pretrained(
-    str(tmp_path), output_loading_info=True
-  )
-  assert type(loaded) is type(model)
-  assert not info["missing_keys"] and not info["unexpected_keys"], info
-  batch = bart_like.inputs(cfg)
-  (h1, l1), (h2, l2) = bart_like.theirs(loaded.eval(), batch), bart_like.theirs(model, batch)
-  assert max_diff(h1, h2, batch["attention_mask"]) <= TOL
-  assert max_diff(l1, l2, batch["decoder_attention_mask"]) <= TOL
-  again, params2 = bart_like.load(tmp_path)
-  assert again == cfg.replace(hf_config_json=again.hf_config_json)
-  jax.tree.map(np.testing.assert_array_equal, params2, params)
+  bart_like.check_export(directory, model, tmp_path)
 
 
 @pytest.mark.parametrize("name", list(GENERATE))
