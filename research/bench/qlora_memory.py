@@ -138,7 +138,7 @@ def worker(
   storage: str, tiny: bool, batch: int, seq: int, rank: int, grad_accum: int, layers: int = 0
 ) -> dict[str, Any]:
   """One training step of ``storage``'s run in this process; its memory figures."""
-  from research import optim
+  from research import optim, paths
   from research.models.config import PeftConfig
   from research.models.decoder_only.llama import LlamaConfig
   from research.models.heads import HeadConfig
@@ -174,7 +174,10 @@ def worker(
     "labels": jnp.asarray(rng.integers(0, 2, batch), jnp.int32),
     "example_mask": jnp.ones(batch, jnp.float32),
   }
-  train_step = make_train_step(model, "cls", "classification", grad_accum=grad_accum)
+  trained = frozenset(p for p, label in paths.flatten(labels).items() if label != optim.FROZEN)
+  train_step = make_train_step(
+    model, "cls", "classification", grad_accum=grad_accum, trainable=trained
+  )
   step = jax.jit(train_step, donate_argnums=0)
   compiled = step.lower(state, data).compile()
   xla = compiled.memory_analysis()

@@ -348,23 +348,32 @@ def _dot(x: Array, w: Array) -> Array:
 def nf4_dot(x: Array, q: dict[str, Array], shape: tuple[int, int]) -> Array:
   """``x @ W`` for an NF4 kernel, dequantised to ``x``'s dtype at each use, forward and backward.
 
-  A custom VJP keeps only the codes as the backward's residual, and optimisation barriers tie
-  each dequantisation to the activation it multiplies: otherwise XLA keeps the dequantised
-  kernel live from the forward to the backward (or hoists it out of a gradient-accumulation
-  loop), so the full-precision kernels of every layer exist at once and NF4 saves little. The
-  kernel gets a zero cotangent: a QLoRA base is frozen.
+  A custom VJP keeps only the codes as the backward's residual, and each dequantisation is tied
+  to the activation it multiplies (:func:`_tied`): otherwise XLA computes one dequantised
+  kernel per projection for the forward, the rematerialised forward and the backward alike (or
+  hoists it out of a gradient-accumulation loop), so the full-precision kernels of every layer
+  exist at once and NF4 saves little. The kernel gets a zero cotangent: a QLoRA base is frozen.
   """
   return _dot(x, nf4_dequantize(q, shape, x.dtype))
 
 
+def _tied(q: dict[str, Array], v: Array) -> dict[str, Array]:
+  """``q`` made to depend on ``v`` at no cost to its value, so that XLA cannot compute a
+  dequantisation before ``v`` exists, nor share it between uses with different ``v``: XLA:CPU
+  drops optimisation barriers before its scheduling, so they alone do not keep each layer's
+  dequantised kernel from being computed once and kept live through the backward pass."""
+  q, v = jax.lax.optimization_barrier((q, v))
+  first = jax.lax.stop_gradient(v.reshape(-1)[0]).astype(jnp.float32)
+  tie = jnp.where(jnp.isfinite(first), first * 0.0, 0.0)  # 0, even for an inf or nan input.
+  return dict(q, offset=q["offset"] + tie)
+
+
 def _nf4_dot_fwd(x: Array, q: dict[str, Array], shape: tuple[int, int]) -> tuple[Array, Any]:
-  x, q = jax.lax.optimization_barrier((x, q))
-  return _dot(x, nf4_dequantize(q, shape, x.dtype)), q
+  return _dot(x, nf4_dequantize(_tied(q, x), shape, x.dtype)), q
 
 
 def _nf4_dot_bwd(shape: tuple[int, int], q: dict[str, Array], dy: Array) -> tuple[Array, Any]:
-  dy, q = jax.lax.optimization_barrier((dy, q))
-  w = nf4_dequantize(q, shape, dy.dtype)
+  w = nf4_dequantize(_tied(q, dy), shape, dy.dtype)
   dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
   zero = lambda v: (
     np.zeros(v.shape, jax.dtypes.float0)
