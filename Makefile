@@ -4,6 +4,9 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DATA    ?= data
+# Test processes: one per core of the project's 2-core machine (tests/conftest.py says how
+# tests are grouped over them); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-slow lint format demo clean
 
@@ -23,7 +26,7 @@ data:
 test: $(STAMP) data
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not gpu" --durations=15 tests
 
 test-slow: $(STAMP) data
 	$(BIN)/python -m pytest -q -m "slow and not gpu" tests

@@ -43,3 +43,35 @@ def shared_data() -> Path:
   if not root.is_dir():
     pytest.skip(f"real data sets not found at {root}")
   return root
+
+
+# Modules whose tests are independent, long runs of their own: spread over the test workers
+# one test at a time. Every other module's tests stay together on one worker (its
+# module-scoped fixtures are built once, and some, such as test_bad_inputs' outcomes or
+# test_launch_slurm's cluster, serve every test of the module at once).
+SPREAD = frozenset({"test_smoke"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+  """``make test`` runs under pytest-xdist with ``--dist loadgroup``: one group per module
+  unless the module is in :data:`SPREAD`."""
+  for item in items:
+    module = item.module.__name__
+    if module not in SPREAD:
+      item.add_marker(pytest.mark.xdist_group(module))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+  """Drops JAX's in-memory caches of traced and compiled programs after each module: a long
+  suite otherwise keeps every module's executables alive to its end (the peak memory of the
+  suite grows with its length). Later modules recompile what they need, mostly from the
+  persistent compilation cache."""
+  yield
+  import sys
+
+  if "jax" in sys.modules:
+    import gc
+
+    sys.modules["jax"].clear_caches()
+    gc.collect()

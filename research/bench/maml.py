@@ -3,6 +3,7 @@
   python -m research.bench.maml [--episodes=4 --shot=5 --inner_steps=5 --seq=32 --rounds=5]
   python -m research.bench.maml --peer=none          # ours only
   python -m research.bench.maml --variants=second,remat,hvp,first --episode_loop=scan
+  python -m research.bench.maml --inner=lora         # the LoRA inner loop, on both sides
 
 The step: 4 episodes of 5-way 5-shot (5 query examples per class), 5 inner SGD steps on every
 parameter of all-MiniLM-L6-v2 plus a zero-initialised 5-way head on mean-pooled tokens, the
@@ -19,6 +20,17 @@ medians are reported. Memory: XLA's compiled-program figures (arguments + output
 per variant, and on CUDA the peer's ``max_memory_allocated``. The last line is
 ``speedup_vs_torch_func=<peer median / ours median>`` for our fastest second-order variant.
 
+``--inner=lora`` times the meta trainer's LoRA inner loop instead
+(``configs/intent_fewshot_maml.py:inner=lora``, as research.bench.maml_memory builds it): rank-8
+LoRA on every layer's query and value projections, the inner loop adapts the LoRA matrices and
+the head, the outer Adam meta-learns the same set, and the base weights are frozen (their
+meta-gradient is not computed). The peer wraps transformers' query/value ``nn.Linear`` layers in
+a minimal LoRA module (:func:`lora_linear`: ``x W^T + b + (x A) B alpha/r``, our layout) whose A
+and B are copied from our initial state (A drawn from the config's seed, B zero), and runs the
+same inner SGD over LoRA + head, second order, with Adam on LoRA + head; base weights enter
+``torch.func`` as constants. So the first meta-losses agree, and the speedup compares the same
+computation.
+
 ``--init=random`` starts both sides from one random MiniLM-shaped checkpoint (saved by
 transformers to a temporary directory, then loaded by each side as usual); ``--model`` needs only
 the checkpoint's config.json then. Timings do not depend on the weights' values: this is for
@@ -28,6 +40,7 @@ machines without the 87 MB pretrained weights (the GPU machine, research/bench/g
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -38,6 +51,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from research import paths
 from research.bench import timing
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -66,6 +80,7 @@ class Ours:
     self, args: argparse.Namespace, *, first_order: bool, remat: bool, hvp: str = "reverse"
   ):
     from configs import intent_fewshot_maml
+    from research import optim
     from research.meta.algorithms import MetaLearner, settings_from_config
     from research.meta.steps import make_meta_step
     from research.train import parallel, setup
@@ -75,7 +90,10 @@ class Ours:
     self.name = "ours " + ("first order" if first_order else "second order")
     self.name += " + remat" if remat else ""
     self.name += ", forward HVP" if hvp == "forward" else ""
-    config = intent_fewshot_maml.get_config(f"algorithm={'fomaml' if first_order else 'maml'}")
+    variant = f"algorithm={'fomaml' if first_order else 'maml'}"
+    # The config's own LoRA inner loop (model.peft, meta.inner and the optimizer's LoRA rules).
+    variant += ",inner=lora" if args.inner == "lora" else ""
+    config = intent_fewshot_maml.get_config(variant)
     config.model.checkpoint = args.model
     config.model.dtype = args.dtype
     config.meta.update(
@@ -91,9 +109,13 @@ class Ours:
     )
     task = next(iter(config.tasks))
     model, self.enc = build_model(config, {task: args.way})
-    learner = MetaLearner(model, task, settings_from_config(config.meta))
     mesh = parallel.make_mesh(config.parallel)
     plan = setup.plan_state(config, init_fn(model), mesh, 1000)
+    # What the outer optimizer freezes gets no meta-gradient, as in the meta trainer (the base
+    # weights under a LoRA inner loop; nothing for the full one).
+    labels = paths.flatten(optim.freeze_labels(plan.optim, plan.abstract_params))
+    self.frozen = frozenset(p for p, label in labels.items() if label == optim.FROZEN)
+    learner = MetaLearner(model, task, settings_from_config(config.meta), frozen=self.frozen)
     shardings = plan.shardings
     state = jax.jit(plan.create, out_shardings=shardings)(plan.rng)
     _, pretrained = hf.load_pretrained(args.model)
@@ -115,7 +137,20 @@ class Ours:
         int(getattr(mem, f, 0) or 0)
         for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
       )
-    self.params = params
+    # Host copies of the first params (the state's are donated by the first step): the peer
+    # starts from them.
+    self.params = jax.tree.map(np.array, params)
+
+  @property
+  def meta_learned(self) -> int:
+    """How many parameters the outer optimizer moves (the peer must move as many).
+
+    Without the encoder's pooler: the head pools by mean, so the pooler gets a zero
+    meta-gradient (Adam leaves it) and the peer's BertModel is built without one.
+    """
+    flat = paths.flatten(self.params)
+    used = lambda k: k not in self.frozen and not k.startswith("encoder/pooler/")
+    return sum(int(v.size) for k, v in flat.items() if used(k))
 
   def run(self, n: int) -> float:
     def step() -> dict[str, jax.Array]:
@@ -130,26 +165,67 @@ class Ours:
     return float(self.metrics["loss"])
 
 
+# Our LoRA leaves; the peer wraps the same projections of BertModel (attention.self.<name>).
+LORA_PATH = re.compile(r"encoder/layer_(\d+)/attention/(query|value)/(lora_a|lora_b)")
+
+
+def lora_linear(torch: Any) -> type:
+  """:class:`LoraLinear` on ``torch`` (imported lazily, as everywhere in this module)."""
+
+  class LoraLinear(torch.nn.Module):
+    """``base(x) + (x A) B * scale``: an ``nn.Linear`` plus LoRA, in our layout (A [in, r],
+    B [r, out]) and arithmetic, so our values load as they are; minimal, so the peer pays for no
+    adapter bookkeeping (peft's) that ours does not have."""
+
+    def __init__(self, base: Any, a: np.ndarray, b: np.ndarray, scale: float):
+      super().__init__()
+      self.base, self.scale = base, scale
+      device = base.weight.device
+      self.lora_a = torch.nn.Parameter(torch.from_numpy(np.array(a)).to(device))
+      self.lora_b = torch.nn.Parameter(torch.from_numpy(np.array(b)).to(device))
+
+    def forward(self, x: Any) -> Any:
+      return self.base(x) + (x @ self.lora_a) @ self.lora_b * self.scale
+
+  return LoraLinear
+
+
 class TorchFunc:
-  """The same second-order meta-step with ``torch.func`` on transformers' ``BertModel``."""
+  """The same second-order meta-step with ``torch.func`` on transformers' ``BertModel``.
 
-  name = "torch.func (transformers)"
+  ``self.params`` are what adapts in the inner loop and what Adam meta-learns (one set, as in
+  ours: every parameter, or LoRA + head); ``self.fixed`` the rest (the frozen base under LoRA),
+  passed to ``functional_call`` as constants so no gradient is formed for them.
+  """
 
-  def __init__(self, args: argparse.Namespace, host_batch: dict[str, np.ndarray]):
+  def __init__(
+    self, args: argparse.Namespace, host_batch: dict[str, np.ndarray], ours: Ours | None = None
+  ):
+    """``ours``: with ``--inner=lora``, the side whose initial LoRA values the peer copies."""
     import torch
     import transformers
 
     from research.transfer import hf
 
     self.torch, self.args = torch, args
+    self.name = "torch.func (transformers" + (" + LoRA)" if args.inner == "lora" else ")")
     torch.manual_seed(0)
     self.device = "cuda" if torch.cuda.is_available() and args.torch_device != "cpu" else "cpu"
     model = transformers.BertModel.from_pretrained(
       str(hf.resolve(args.model)), add_pooling_layer=False, attn_implementation="eager"
     )
+    self.fixed: dict[str, Any] = {}
+    if args.inner == "lora":
+      if ours is None:
+        raise ValueError("--inner=lora: the peer copies our initial LoRA values; give `ours`")
+      self.add_lora(model, ours)
     self.model = model.to(self.device).eval()  # eval: no dropout, like ours (dropout 0).
     hidden = model.config.hidden_size
     self.params = {f"encoder.{k}": v for k, v in self.model.named_parameters()}
+    if args.inner == "lora":  # The base weights: constants of the whole step.
+      lora = lambda k: k.endswith((".lora_a", ".lora_b"))
+      self.fixed = {k: v.detach() for k, v in self.params.items() if not lora(k)}
+      self.params = {k: v for k, v in self.params.items() if lora(k)}
     self.params["head.weight"] = torch.zeros(args.way, hidden, device=self.device)
     self.params["head.bias"] = torch.zeros(args.way, device=self.device)
     for p in self.params.values():
@@ -159,8 +235,37 @@ class TorchFunc:
     self.episodes = [{k: to(v[e]) for k, v in host_batch.items()} for e in range(args.episodes)]
     self.memory_bytes = None
 
+  @property
+  def meta_learned(self) -> int:
+    """How many parameters Adam moves."""
+    return sum(int(p.numel()) for p in self.params.values())
+
+  def add_lora(self, model: Any, ours: Ours) -> None:
+    """Wraps each layer's query and value projection of ``model`` in a LoRA layer holding our
+    initial ``lora_a`` / ``lora_b`` (the same start on both sides; rank and alpha/r are ours).
+
+    Raises:
+      ValueError: if our LoRA leaves are not exactly query and value of every layer.
+    """
+    found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for path, value in paths.flatten(ours.params).items():
+      if m := LORA_PATH.fullmatch(path):
+        found.setdefault((int(m[1]), m[2]), {})[m[3]] = value
+      elif "lora" in path:
+        raise ValueError(f"--inner=lora: the peer has no LoRA at {path}")
+    layers = model.encoder.layer
+    wanted = {(i, n) for i in range(len(layers)) for n in ("query", "value")}
+    if set(found) != wanted:
+      raise ValueError(f"--inner=lora: our LoRA targets {sorted(found)}, the peer's {wanted}")
+    wrap = lora_linear(self.torch)
+    for (i, name), ab in found.items():
+      attention = layers[i].attention.self
+      base = getattr(attention, name)
+      setattr(attention, name, wrap(base, ab["lora_a"], ab["lora_b"], ours.enc.peft.lora_scale))
+
   def logits(self, params: dict[str, Any], ep: dict[str, Any], prefix: str):
     torch = self.torch
+    params = {**self.fixed, **params}
     enc = {k[len("encoder.") :]: v for k, v in params.items() if k.startswith("encoder.")}
     mask = ep[f"{prefix}attention_mask"]
     out = torch.func.functional_call(
@@ -230,6 +335,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians over them)")
   p.add_argument("--steps", type=int, default=1, help="meta-steps per round and side")
   p.add_argument("--episode_loop", choices=("vmap", "scan"), default="vmap")
+  p.add_argument(
+    "--inner",
+    choices=("full", "lora"),
+    default="full",
+    help="inner loop: every parameter, "
+    "or rank-8 LoRA on query/value + head (configs/intent_fewshot_maml.py:inner=lora)",
+  )
   p.add_argument("--dtype", default="float32", help="compute dtype of ours")
   p.add_argument("--peer", choices=("torch_func", "none"), default="torch_func")
   p.add_argument("--torch_device", default="auto", help="'cpu' to keep the peer off the GPU")
@@ -281,7 +393,12 @@ def bench(args: argparse.Namespace) -> int:
   if unknown:
     raise SystemExit(f"--variants: unknown {unknown}; choose from {list(spec)}")
   ours = [Ours(args, **spec[v]) for v in wanted]
-  peer = TorchFunc(args, ours[0].host_batch) if args.peer == "torch_func" else None
+  peer = TorchFunc(args, ours[0].host_batch, ours[0]) if args.peer == "torch_func" else None
+  if peer is not None and peer.meta_learned != ours[0].meta_learned:
+    raise SystemExit(
+      f"the peer meta-learns {peer.meta_learned} parameters, ours {ours[0].meta_learned}: "
+      "not the same step"
+    )
   sides = [*ours, *([peer] if peer is not None else [])]
   first, first_loss = {}, {}
   for s in sides:  # Warm-up: our first run, the peer's first step; the same start on each side.
@@ -294,6 +411,9 @@ def bench(args: argparse.Namespace) -> int:
     f"(+{args.query} query/class), seq {args.seq}, {args.inner_steps} inner steps, "
     f"dtype {args.dtype}, {args.rounds} rounds x {args.steps} steps"
   )
+  rank = ours[0].enc.peft.lora_rank if args.inner == "lora" else 0
+  inner = f"LoRA rank {rank} on query/value + head" if rank else "every parameter"
+  print(f"inner loop: {inner}; meta-learned parameters: {ours[0].meta_learned:,}")
   print(f"{'':34} {'median s/step':>13} {'min':>7} {'memory MiB':>10} {'compile s':>9} {'loss':>8}")
   for s in sides:
     ts = times[s.name]
