@@ -209,3 +209,31 @@ def test_sharded_safetensors_index(tmp_path):
   valid = mask.astype(bool)
   diff = our_hidden(directory, ids, mask)[valid] - torch_hidden(directory, ids, mask)[valid]
   assert np.max(np.abs(diff)) < 1e-5
+
+
+def test_tokenizer_is_the_class_autotokenizer_picks_and_loads_without_pytorch(minilm_dir):
+  import subprocess
+  import sys
+
+  import transformers
+
+  ours, auto = (
+    hf.load_tokenizer(minilm_dir),
+    transformers.AutoTokenizer.from_pretrained(str(minilm_dir)),
+  )
+  assert type(ours) is type(auto)
+  pair = (["A man plays a guitar.", "Short."], ["Someone strums one.", "A longer second text."])
+  assert ours(*pair, padding=True) == auto(*pair, padding=True)  # token type ids included
+  # AutoTokenizer's config lookup imports PyTorch (when installed); the run's start does not.
+  code = (
+    "import sys; from pathlib import Path; from research.transfer import hf; "
+    f"hf.load_tokenizer(Path({str(minilm_dir)!r})); print('torch' in sys.modules)"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
+
+
+def test_tokenizer_config_that_is_not_json_names_the_file(tmp_path):
+  (tmp_path / "tokenizer_config.json").write_text("{not json")
+  with pytest.raises(hf.CheckpointError, match=r"tokenizer_config\.json: not a JSON object"):
+    hf.load_tokenizer(tmp_path)

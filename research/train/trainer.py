@@ -177,9 +177,7 @@ def tokenizer_of(
   that task's kind reads its data with (``TaskKind.tokenizer``: e.g. seq2seq's trained target
   vocabulary, read back from ``workdir`` when the run directory holds it; ``build=False``
   refuses to make a missing one, as predict mode must)."""
-  import transformers
-
-  pretrained = transformers.AutoTokenizer.from_pretrained(str(hf.resolve(config.model.checkpoint)))
+  pretrained = hf.load_tokenizer(hf.resolve(config.model.checkpoint))
   if pretrained.pad_token is None and pretrained.eos_token is not None:
     # Decoder-only tokenizers (Llama 3, GPT-2) have no pad token: pad with EOS, as transformers'
     # recipes do; the attention mask keeps padding out, and `last` pooling finds real tokens.

@@ -127,6 +127,26 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     ) from e
 
 
+def load_tokenizer(directory: Path):
+  """The checkpoint's tokenizer: the class its ``tokenizer_config.json`` names, else AutoTokenizer.
+
+  That class is what ``AutoTokenizer`` would pick first; loading it directly skips AutoConfig,
+  whose import pulls in PyTorch when it is installed (over a second of every run's start-up,
+  for a tokenizer that never touches it).
+  """
+  import transformers
+
+  name = None
+  config_file = directory / "tokenizer_config.json"
+  if config_file.is_file():
+    try:
+      name = json.loads(config_file.read_text()).get("tokenizer_class")
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise CheckpointError(f"{config_file}: not a JSON object ({e})") from None
+  cls = getattr(transformers, name, None) if isinstance(name, str) else None
+  return (cls or transformers.AutoTokenizer).from_pretrained(str(directory))
+
+
 def load_config(directory: Path, family: str | None = None) -> Config:
   """The config of ``directory/config.json``, read by the family of its ``model_type``.
 
@@ -597,9 +617,7 @@ def verification_batch(directory: Path, cfg: Config) -> tuple[np.ndarray, np.nda
     "Transfer learning puts a pretrained encoder to work on a new task, fast.",
   ]
   if any((directory / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(str(directory))
+    tok = load_tokenizer(directory)
     enc = tok(texts, padding=True, return_tensors="np")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
   rng = np.random.default_rng(0)
