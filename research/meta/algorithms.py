@@ -118,6 +118,12 @@ def default_config() -> dict[str, Any]:
     valid_episodes=0,
     test_episodes=600,
     test_seed=1234,
+    # Cross-data-set meta-transfer: the meta-test episodes come from the meta-test classes of
+    # this registered intent data set ('' = the task's own data; meta-train and meta-valid stay
+    # on the task's). Its default data config, with the task data's max_length and buckets, then
+    # test_data_overrides (e.g. config_lib.fixture_data(name) to read a committed fixture).
+    test_data="",
+    test_data_overrides={},
     finetune=dict(steps=20, lr=1e-4, head_init="zeros"),
     # iMAML: proximal strength and conjugate-gradient steps of the implicit meta-gradient.
     imaml=dict(lam=1.0, cg_steps=5),

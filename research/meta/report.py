@@ -5,6 +5,8 @@
 Reads every ``results.json`` written by :mod:`research.meta.trainer` under the given folders and
 prints a markdown table: one row per algorithm, one column per (data set, N-way K-shot), cells
 ``accuracy ± ci95`` in percent, with the number of meta-training steps and test episodes.
+Cross-data-set runs (``meta.test_data`` another data set) get columns of their own, named
+``<meta-train data>→<meta-test data>``, e.g. ``clinc150→banking77 5-way 1-shot``.
 
 Every run of a column is scored on the same meta-test episodes (``meta.test_seed``), so a second
 table gives each method's *paired* difference to plain fine-tuning: the mean over episodes of
@@ -41,8 +43,12 @@ def collect(roots: Iterable[str | Path]) -> list[dict]:
 
 
 def column(run: dict) -> str:
+  """``'banking77 5-way 1-shot'``; ``'clinc150→banking77 5-way 1-shot'`` for a run meta-trained
+  on CLINC150 and meta-tested on BANKING77 (results.json without ``test_data``: in-domain)."""
   m = run["meta"]
-  return f"{m['data']} {m['n_way']}-way {m['k_shot']}-shot"
+  test_data = m.get("test_data") or m["data"]
+  data = m["data"] if test_data == m["data"] else f"{m['data']}→{test_data}"
+  return f"{data} {m['n_way']}-way {m['k_shot']}-shot"
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:

@@ -8,6 +8,12 @@ the final ``meta.test_episodes`` from ``test``, drawn with ``meta.test_seed`` so
 and baseline (``finetune``, ``protonet``; ``train.steps=0`` for no meta-training) is scored on
 the same episodes. results.json holds ``eval.<task>.accuracy`` with its 95% confidence interval
 (``ci95``: 1.96 standard errors over episodes), beside the usual contract fields.
+
+Cross-data-set meta-transfer: ``meta.test_data`` names another intent data set (e.g. meta-train
+on CLINC150's meta-train classes, meta-test on BANKING77's meta-test classes); only the test
+episodes come from it (:func:`test_data_config`). They depend on that data set, the tokenizer, the
+episode shape and ``meta.test_seed``, never on the meta-training data, so runs trained on
+different data sets are scored, paired, on the same episodes.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 
 from research import optim, paths
 from research.data import episodes as episodes_lib
+from research.data import registry
 from research.meta import inner
 from research.meta.algorithms import MetaLearner, settings_from_config
 from research.meta.steps import make_eval_step, make_meta_step
@@ -34,7 +41,14 @@ from research.train.loop import train_and_evaluate
 from research.train.state import build_model, init_fn
 from research.train.trainer import tokenizer_of
 
-__all__ = ["MetaProgram", "MetaTestProgress", "mean_ci95", "train_and_evaluate"]
+__all__ = [
+  "MetaProgram",
+  "MetaTestProgress",
+  "mean_ci95",
+  "test_data_config",
+  "test_episode_iterator",
+  "train_and_evaluate",
+]
 
 
 def mean_ci95(values: np.ndarray) -> dict[str, float]:
@@ -60,8 +74,51 @@ def single_task(config: ml_collections.ConfigDict) -> tuple[str, ml_collections.
   return next(iter(config.tasks.items()))
 
 
-def episode_iterator(config, tokenizer, class_split: str, seed: int, episodes: int | None):
-  """Episodes of ``class_split``; ``episodes`` fixes a finite evaluation set (else endless)."""
+def few_shot_data_names() -> list[str]:
+  """The registered data sets with published few-shot class splits (what ``meta.test_data``
+  may name)."""
+  return [n for n in registry.names() if registry.DATASETS[n].get("few_shot")]
+
+
+def test_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The data set of the meta-test episodes: the task's own, or ``meta.test_data``'s.
+
+  Another data set gets its registry defaults, the task data's ``max_length`` and ``buckets``
+  (tokenized the same way), then ``meta.test_data_overrides`` (e.g. a committed fixture's
+  paths). ``meta.test_data`` equal to the task's data set is the task's own data config.
+
+  Raises:
+    ValueError: (one line) ``meta.test_data`` is not a registered data set with few-shot class
+      splits, or ``meta.test_data_overrides`` names a field data configs do not have.
+  """
+  meta, (_, task_cfg) = config.meta, single_task(config)
+  name = meta.test_data
+  if not name or name == task_cfg.data.name:
+    return task_cfg.data
+  known = few_shot_data_names()
+  if name not in known:
+    raise ValueError(
+      f"meta.test_data={name!r} is not a registered data set with few-shot class splits; "
+      f"known: {known} ('' = the task's own data)"
+    )
+  fields = dict(max_length=task_cfg.data.max_length, buckets=tuple(task_cfg.data.buckets))
+  fields.update(meta.test_data_overrides.to_dict())
+  try:
+    return registry.default_data_config(name, **fields)
+  except KeyError as e:
+    raise ValueError(f"meta.test_data_overrides: {e.args[0]}") from None
+
+
+def episode_iterator(
+  config,
+  tokenizer,
+  class_split: str,
+  seed: int,
+  episodes: int | None,
+  data_cfg: ml_collections.ConfigDict | None = None,
+):
+  """Episodes of ``class_split`` of ``data_cfg`` (default: the task's data); ``episodes`` fixes
+  a finite evaluation set (else endless)."""
   meta, (_, task_cfg) = config.meta, single_task(config)
   per_batch = meta.episodes_per_batch if episodes is None else meta.eval_episodes_per_batch
   if episodes is not None and episodes % per_batch:
@@ -69,7 +126,7 @@ def episode_iterator(config, tokenizer, class_split: str, seed: int, episodes: i
       f"{episodes} {class_split} episodes must divide by meta.eval_episodes_per_batch={per_batch}"
     )
   return episodes_lib.build_episode_iterator(
-    task_cfg.data,
+    task_cfg.data if data_cfg is None else data_cfg,
     tokenizer,
     class_split,
     n_way=meta.n_way,
@@ -80,6 +137,16 @@ def episode_iterator(config, tokenizer, class_split: str, seed: int, episodes: i
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     num_batches=None if episodes is None else episodes // per_batch,
+  )
+
+
+def test_episode_iterator(config: ml_collections.ConfigDict, tokenizer: Any):
+  """The ``meta.test_episodes`` meta-test episodes: the ``test`` classes of
+  :func:`test_data_config`, drawn with ``meta.test_seed`` (the same for every run that shares
+  them, whatever it meta-trained on)."""
+  meta = config.meta
+  return episode_iterator(
+    config, tokenizer, "test", meta.test_seed, meta.test_episodes, test_data_config(config)
   )
 
 
@@ -174,8 +241,8 @@ class MetaProgram(loop.Program):
   """Meta-trains (``train.steps`` outer steps, possibly 0) and scores held-out episodes.
 
   ``build`` raises ValueError for a bad episode shape of a class split (``n_way`` above its
-  classes, or a class with fewer than ``k_shot + q_query`` examples, named with its count) or
-  bad settings, before anything is compiled or written.
+  classes, or a class with fewer than ``k_shot + q_query`` examples, named with its count), an
+  unknown ``meta.test_data`` or bad settings, before anything is compiled or written.
   """
 
   eval_split = "valid"
@@ -187,6 +254,7 @@ class MetaProgram(loop.Program):
     config, meta = self.config, self.config.meta
     self.task, _ = single_task(config)
     self.tasks = [self.task]
+    self.test_data = test_data_config(config)  # A bad meta.test_data fails first.
     self.settings = settings_from_config(meta)
     self.tokenizer = tokenizer_of(config)
     # Episode iterators first: a bad N or K fails here, before anything is compiled.
@@ -214,8 +282,7 @@ class MetaProgram(loop.Program):
     )
 
   def test_it(self):
-    meta = self.config.meta
-    return episode_iterator(self.config, self.tokenizer, "test", meta.test_seed, meta.test_episodes)
+    return test_episode_iterator(self.config, self.tokenizer)
 
   def init_params(self, rng: jax.Array) -> Any:
     """The model's params, plus Meta-SGD's learned inner learning rates."""
@@ -293,6 +360,9 @@ class MetaProgram(loop.Program):
         "meta_sgd": settings.meta_sgd,
         "data": task_cfg.data.name,
         "class_split_run": task_cfg.data.few_shot.run,
+        # The meta-test episodes' data set and class split (the task's own unless meta.test_data).
+        "test_data": self.test_data.name,
+        "test_class_split_run": self.test_data.few_shot.run,
         "test_seed": meta.test_seed,
       },
     }
