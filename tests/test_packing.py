@@ -135,6 +135,23 @@ def test_packing_roberta_positions_equal_unpacked():
   assert _max_diff(grads_p, grads_u) < 1e-5
 
 
+def test_packing_mpnet_equals_unpacked():
+  """MPNet: positions from 2 (padding id 1) and a relative position bias over the whole row,
+  which is the same per segment because it depends only on key - query offsets."""
+  from research.models.mpnet import PADDING_IDX, MPNetConfig
+
+  tok = _tokenized(24)
+  packed, plain, rows = _batches(tok)
+  cfg = MPNetConfig.tiny(max_position_embeddings=40, vocab_size=128)
+  model = make_task_model(cfg, {"t": HeadConfig(layout="sequence", num_labels=3, pooling="mean")})
+  params = init_params(model, jax.random.key(0))
+  ids = np.where(plain["attention_mask"] > 0, plain["input_ids"], PADDING_IDX)
+  _, out_p, grads_p = _run(model, params, packed, classification.loss)
+  _, out_u, grads_u = _run(model, params, {**plain, "input_ids": ids}, classification.loss)
+  np.testing.assert_allclose(np.asarray(out_p)[rows >= 0], np.asarray(out_u), atol=1e-5)
+  assert _max_diff(grads_p, grads_u) < 1e-5
+
+
 def test_packing_tagging_equals_unpacked():
   tok = _tokenized(24, tags=True)
   packed, plain, rows = _batches(tok)
