@@ -220,6 +220,24 @@ def test_packing_train_and_evaluate_tiny(tmp_path):
   assert json.loads((tmp_path / "results.json").read_text())["eval"]
 
 
+def test_packing_with_the_pooler_or_a_crf_fails_before_the_run_writes(tmp_path):
+  from train_util import load_config_module, tiny_config
+
+  from research import errors
+  from research.train.trainer import train_and_evaluate
+
+  config = tiny_config(steps=4)
+  config.tasks.sst2.data.packing = True  # The SST-2 config's head pools with 'pooler'.
+  with pytest.raises(errors.UsageError, match=r"tasks\.sst2\.head\.pooling='pooler'"):
+    train_and_evaluate(config, str(tmp_path / "pooler"))
+  assert not (tmp_path / "pooler").exists() or not any((tmp_path / "pooler").iterdir())
+  ner = load_config_module("conll03_minilm").get_config("tiny,crf")
+  with ner.unlocked():
+    ner.tasks.conll03.data.packing = True
+  with pytest.raises(errors.UsageError, match=r"tasks\.conll03\.head\.crf=True"):
+    train_and_evaluate(ner, str(tmp_path / "crf"))
+
+
 def test_packing_build_iterator_fixture(tokenizer, tmp_path):
   """The pipeline's packed branch on the SST-2 fixture: shapes, one epoch holds each example at
   most once, less padding than buckets, resumable state, disjoint process slices."""

@@ -138,6 +138,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   check_sources(config)
   from research.data import sources
 
+  check_packing(config)
   for name, task in config.tasks.items():
     named = task.data.get("splits")
     if named is None:  # A task whose data is not a registered data set.
@@ -146,6 +147,33 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     if int(tcfg.steps) > 0:
       splits[f"tasks.{name}.data.splits.train"] = named.train
     sources.check_splits(task.data, splits)
+
+
+def check_packing(config: ml_collections.ConfigDict) -> None:
+  """Raises for a packed task whose head cannot read packed rows: the encoder's ``pooler``
+  (it reads position 0 of a row, one example of several) or a CRF (its transitions would cross
+  examples). The model would refuse too, but only once built, after the data is prepared.
+
+  Raises:
+    research.errors.UsageError: naming the task's head key and the fix.
+  """
+  from research import tasks as task_lib
+
+  for name, task in config.tasks.items():
+    if not task.data.get("packing", False):
+      continue
+    head = task_lib.get(task.kind).head(task, 2)
+    where = f"tasks.{name}.data.packing=True"
+    if getattr(head, "layout", "") != "token" and getattr(head, "pooling", "") == "pooler":
+      raise errors.UsageError(
+        f"{where} with tasks.{name}.head.pooling='pooler': the encoder's pooler reads a row's "
+        "first token only; use 'cls', 'mean' or 'last'"
+      )
+    if getattr(head, "crf", False):
+      raise errors.UsageError(
+        f"{where} with tasks.{name}.head.crf=True: CRF transitions would cross the examples of "
+        "a row; train the CRF unpacked"
+      )
 
 
 def _has_step(directory: Path) -> bool:
