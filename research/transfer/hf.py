@@ -144,7 +144,9 @@ def load_tokenizer(directory: Path):
     except (json.JSONDecodeError, AttributeError) as e:
       raise CheckpointError(f"{config_file}: not a JSON object ({e})") from None
   cls = getattr(transformers, name, None) if isinstance(name, str) else None
-  return (cls or transformers.AutoTokenizer).from_pretrained(str(directory))
+  if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+    cls = transformers.AutoTokenizer  # Unnamed, unknown to this transformers, or not a tokenizer.
+  return cls.from_pretrained(str(directory))
 
 
 def load_config(directory: Path, family: str | None = None) -> Config:
