@@ -70,11 +70,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("written_out", [False, True], ids=["dpa", "written_out"])
+@pytest.mark.parametrize("path", ["dpa", "written_out", "heads_major"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_attention_equals_dot_product_attention_reference(case, written_out):
-  """fp32, to 1e-5: through jax.nn.dot_product_attention and through the written-out path
-  that attention dropout takes (identity dropout here)."""
+def test_attention_equals_dot_product_attention_reference(case, path):
+  """fp32, to 1e-5: through jax.nn.dot_product_attention, through the written-out path that
+  attention dropout takes (identity dropout here), and over heads-major keys/values (a decoding
+  cache's layout)."""
   b, t, s, n, kv, h, make_mask, bias_shape = CASES[case]
   q, k, v = inputs(b, t, s, n, kv, h)
   mask = make_mask()
@@ -82,14 +83,57 @@ def test_attention_equals_dot_product_attention_reference(case, written_out):
   if bias_shape is not None:
     bias = np.random.default_rng(1).normal(size=bias_shape).astype(np.float32)
   scale = 0.3 if case == "no_mask" else None
-  drop = (lambda w: w) if written_out else None
+  drop = (lambda w: w) if path == "written_out" else None
+  major = path == "heads_major"
   out = jax.jit(
     lambda q, k, v, mask, bias: common.attention(
-      q, k, v, mask=mask, bias=bias, scale=scale, weights_dropout=drop
+      q, k, v, mask=mask, bias=bias, scale=scale, weights_dropout=drop, heads_major=major
     )
-  )(q, k, v, mask, bias)
+  )(q, *((k.swapaxes(1, 2), v.swapaxes(1, 2)) if major else (k, v)), mask, bias)
   assert out.shape == q.shape and out.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out), reference(q, k, v, mask, bias, scale), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["self", "gqa_bias"])
+def test_attention_over_beam_rows_equals_reordered_cache(case):
+  """Beam search's cache is never reordered: with ``beam_rows``, each beam reads its positions
+  from the rows that hold them. The same as gathering each beam's keys/values into its own row
+  first (what reordering the cache kept), to 1e-5, with a causal mask and a position bias."""
+  groups, beams, s, index = 3, 4, 7, 5
+  n, kv = (4, 4) if case == "self" else (6, 2)
+  q, k, v = inputs(groups * beams, 1, s, n, kv, 8)
+  rng = np.random.default_rng(2)
+  rows = rng.integers(0, beams, size=(groups, beams, s)).astype(np.int32)
+  rows[:, :, index] = np.arange(beams)  # The step's own position, in its own row.
+  mask = (np.arange(s) <= index)[None, None, None, :]  # [1, 1, 1, S]
+  bias = rng.normal(size=(1, n, 1, s)).astype(np.float32) if case == "gqa_bias" else None
+  # Reference: every beam's keys/values gathered from the rows holding them.
+  source = np.repeat(np.arange(groups), beams)[:, None] * beams  # [B, 1]
+  take = source + rows.reshape(groups * beams, s)  # [B, S]: the row of each position.
+  positions = np.arange(s)[None, :]
+  own_k, own_v = k[take, positions], v[take, positions]  # [B, S, K, H]
+  expected = reference(q, own_k, own_v, mask, bias)
+  out = jax.jit(
+    lambda q, k, v, rows, mask, bias: common.attention(
+      q, k, v, mask=mask, bias=bias, heads_major=True, beam_rows=rows
+    )
+  )(q, k.swapaxes(1, 2), v.swapaxes(1, 2), rows, mask, bias)
+  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+  # Rows not holding a beam's positions are never read: changing them changes nothing.
+  other = k.copy()
+  unused = np.ones(k.shape[:2], bool)
+  unused[take, positions] = False
+  other[unused] = 100.0
+  again = common.attention(
+    q,
+    other.swapaxes(1, 2),
+    v.swapaxes(1, 2),
+    mask=mask,
+    bias=bias,
+    heads_major=True,
+    beam_rows=rows,
+  )
+  np.testing.assert_allclose(np.asarray(again), np.asarray(out), atol=1e-6)
 
 
 def test_dot_product_attention_fully_masked_rows_stay_finite():

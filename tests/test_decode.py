@@ -83,9 +83,9 @@ TABLE = np.array(
 )
 
 
-def _markov_step(tokens, index, state, static):
-  del index, static
-  # The state counts steps per row; beam search must carry it along the reordered beams.
+def _markov_step(tokens, index, state, static, beam_rows):
+  del index, static, beam_rows
+  # The state counts steps per row, a stand-in for a cache the search carries along.
   return jnp.log(jnp.asarray(TABLE, jnp.float32) + 1e-9)[tokens], state + 1
 
 

@@ -165,6 +165,8 @@ def attention(
   scale: float | None = None,
   implementation: str | None = None,
   weights_dropout: Callable[[Array], Array] | None = None,
+  heads_major: bool = False,
+  beam_rows: Array | None = None,
 ) -> Array:
   """Softmax attention ``softmax(q k^T * scale + bias, masked) v`` through
   ``jax.nn.dot_product_attention``: the one attention every model module calls.
@@ -184,15 +186,33 @@ def attention(
   same fp32 computation written out, with the dropout between the softmax and the product with
   ``v``.
 
+  Keys and values from a decoding cache come heads-major, ``[B, K, S, H]`` (``heads_major``,
+  :func:`write_kv_cache`): a decoding step is one query per row, a matrix-vector product per
+  head that streams the whole cache, and in the ``[B, S, K, H]`` layout XLA:CPU first
+  transposes the cache (several times the cost of the product itself); heads-major they are
+  read in place, through the same fp32 computation written out. With more than one query
+  (a prompt) and cuDNN at hand, they are transposed back for the fused kernel.
+
+  Beam search never reorders the cache (``beam_rows``): copying every layer's keys and values
+  along the surviving beams at every step costs more than the step's attention. Each beam's
+  positions stay in the row of the beam that wrote them, and ``beam_rows [G, k, S]`` (``G``
+  sources of ``k`` beams, ``G * k = B``) says, for each beam and position, which of its source's
+  ``k`` rows holds that position. Each beam's query attends to all ``k`` rows of its source
+  with the other rows' keys masked: the cache is read once per source, as it would be anyway.
+
   Args:
     q: queries [B, T, N, H].
-    k, v: keys and values [B, S, K, H], K dividing N (grouped-query attention when K < N: each
-      key/value head serves N/K consecutive query heads, as jax and transformers group them).
+    k, v: keys and values [B, S, K, H] ([B, K, S, H] with ``heads_major``), K dividing N
+      (grouped-query attention when K < N: each key/value head serves N/K consecutive query
+      heads, as jax and transformers group them).
     mask: boolean (or 0/1) [B|1, N|1, T|1, S], or fewer leading axes; True attends.
     bias: additive, broadcastable to [B, N, T, S] the same way (a relative position bias).
     scale: the logits' scale; None is ``1 / sqrt(H)``.
     implementation: 'auto', 'xla' or 'cudnn' (None: the environment's or 'auto').
     weights_dropout: applied to the fp-cast weights before the product with ``v``.
+    heads_major: ``k`` and ``v`` are [B, K, S, H] (a decoding cache's layout).
+    beam_rows: int [G, k, S] with ``heads_major``: which of a source's ``k`` rows holds each
+      beam's key at each position (above); None: every row holds its own.
 
   Returns:
     [B, T, N, H] in the dtype of ``v``.
@@ -202,10 +222,18 @@ def attention(
   if mask is not None and mask.dtype != jnp.bool_:
     mask = mask.astype(jnp.bool_)
   scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-  if weights_dropout is not None:
-    return _attention_written_out(q, k, v, mask, bias, scale, weights_dropout)
   name = attention_implementation(implementation)
   biased = mask is not None or bias is not None
+  if heads_major:
+    k_bskh = to_heads_major(k)  # The same swap both ways.
+    fused = name == "cudnn" or (name == "auto" and _cudnn_fits(q, k_bskh, biased))
+    if beam_rows is not None:
+      return _attention_over_beams(q, k, v, mask, bias, scale, beam_rows)
+    if weights_dropout is not None or q.shape[1] == 1 or not fused:
+      return _attention_written_out(q, k, v, mask, bias, scale, weights_dropout, heads_major)
+    k, v = k_bskh, to_heads_major(v)
+  if weights_dropout is not None:
+    return _attention_written_out(q, k, v, mask, bias, scale, weights_dropout)
   if name == "cudnn" or (name == "auto" and _cudnn_fits(q, k, biased)):
     try:
       return _attention_cudnn(q, k, v, mask, bias, scale)
@@ -248,23 +276,102 @@ def _attention_written_out(
   mask: Array | None,
   bias: Array | None,
   scale: float,
-  weights_dropout: Callable[[Array], Array],
+  weights_dropout: Callable[[Array], Array] | None,
+  heads_major: bool = False,
 ) -> Array:
-  """jax's XLA attention (its ``_dot_product_attention_core``) with dropout on the weights."""
+  """jax's XLA attention (its ``_dot_product_attention_core``), with dropout on the weights
+  (``weights_dropout``) or over heads-major keys/values."""
   b, t, n, h = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1 if heads_major else 2]
+  kv = "bksh" if heads_major else "bskh"
   group = lambda x: None if x is None else _grouped(x, kv_heads, n // kv_heads)
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum(f"btkgh,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
   logits = logits * jnp.float32(scale)
   if bias is not None:
     logits = logits + group(bias).astype(jnp.float32)
   if mask is not None:
     neg = jnp.float32(-0.7 * float(np.finfo(np.float32).max))
     logits = jnp.where(group(mask), logits, neg)
-  weights = weights_dropout(jax.nn.softmax(logits, axis=-1).astype(v.dtype))
-  out = jnp.einsum("bkgts,bskh->btkgh", weights, v)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  if weights_dropout is not None:
+    weights = weights_dropout(weights)
+  out = jnp.einsum(f"bkgts,{kv}->btkgh", weights, v)
   return out.reshape(b, t, n, h)
+
+
+def _attention_over_beams(
+  q: Array,
+  k: Array,
+  v: Array,
+  mask: Array | None,
+  bias: Array | None,
+  scale: float,
+  beam_rows: Array,
+) -> Array:
+  """:func:`attention` of each beam over its source's ``k`` cache rows, the rows that do not
+  hold its positions (``beam_rows``) masked; ``k, v`` heads-major."""
+  sources, beams, length = beam_rows.shape
+  b, t, n, h = q.shape
+  kv_heads = k.shape[1]
+  groups = n // kv_heads
+  qb = q.reshape(sources, beams, t, kv_heads, groups, h)
+  kb, vb = (x.reshape(sources, beams, kv_heads, length, h) for x in (k, v))
+  # Axes: z source, j the querying beam, r the row read, k/g heads, t queries, s positions.
+  logits = jnp.einsum("zjtkgh,zrksh->zjkgtrs", qb, kb, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(scale)
+
+  def per_beam(x: Array) -> Array:  # [B|1, N|1, T|1, S] -> [Z|1, J|1, K|1, G|1, T|1, 1, S]
+    x = _grouped(x, kv_heads, groups)
+    x = x[None] if x.shape[0] == 1 else x.reshape(sources, beams, *x.shape[1:])
+    return x[..., None, :]
+
+  if bias is not None:
+    logits = logits + per_beam(bias).astype(jnp.float32)
+  own = beam_rows[:, :, None, :] == jnp.arange(beams, dtype=beam_rows.dtype)[:, None]
+  keep = own[:, :, None, None, None]  # [Z, J, 1, 1, 1, R, S]
+  if mask is not None:
+    keep = keep & per_beam(mask)
+  logits = jnp.where(keep, logits, jnp.float32(-0.7 * float(np.finfo(np.float32).max)))
+  flat = logits.reshape(*logits.shape[:-2], beams * length)
+  weights = jax.nn.softmax(flat, axis=-1).reshape(logits.shape).astype(v.dtype)
+  out = jnp.einsum("zjkgtrs,zrksh->zjtkgh", weights, vb)
+  return out.reshape(b, t, n, h)
+
+
+def empty_kv_cache(
+  batch: int, length: int, kv_heads: int, head_dim: int, dtype: Dtype = jnp.float32
+) -> dict[str, Array]:
+  """One layer's decoding cache: zero ``key``/``value`` ``[batch, kv_heads, length, head_dim]``
+  (heads-major, see :func:`attention`)."""
+  zeros = jnp.zeros((batch, kv_heads, length, head_dim), dtype)
+  return {"key": zeros, "value": zeros}
+
+
+def to_heads_major(x: Array) -> Array:
+  """``[B, S, K, H]`` keys or values as ``[B, K, S, H]`` (the cache's layout)."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def cache_length(layer: dict[str, Array]) -> int:
+  """The positions a layer's cache (:func:`empty_kv_cache`) holds."""
+  return layer["key"].shape[2]
+
+
+def write_kv_cache(
+  layer: dict[str, Array], index: Array, k: Array, v: Array
+) -> tuple[Array, Array, dict[str, Array]]:
+  """Writes ``k, v [B, T, K, H]`` at positions ``index ... index + T - 1`` of a layer's cache;
+  returns ``(all keys, all values, new layer)``, the first two heads-major in ``k``'s dtype (for
+  :func:`attention` with ``heads_major=True``)."""
+  start = (0, 0, index, 0)
+  keys = jax.lax.dynamic_update_slice(
+    layer["key"], to_heads_major(k).astype(layer["key"].dtype), start
+  )
+  values = jax.lax.dynamic_update_slice(
+    layer["value"], to_heads_major(v).astype(layer["value"].dtype), start
+  )
+  return keys.astype(k.dtype), values.astype(v.dtype), {"key": keys, "value": values}
 
 
 def _grouped(x: Array, kv_heads: int, groups: int) -> Array:
@@ -274,6 +381,17 @@ def _grouped(x: Array, kv_heads: int, groups: int) -> Array:
   return x.reshape(x.shape[0], kv_heads, groups, *x.shape[2:])
 
 
+def argmax(x: Array) -> Array:
+  """``jnp.argmax(x, axis=-1)`` as int32 (the first index of the maximum), as a max and a
+  min-reduction: XLA:CPU runs ``argmax``'s paired value/index reduction several times slower,
+  which over a vocabulary at every decoding step adds up. A row holding NaN gives its last
+  index (``jnp.argmax`` would give the NaN's)."""
+  width = x.shape[-1]
+  top = jnp.max(x, axis=-1, keepdims=True)
+  index = jnp.where(x == top, jnp.arange(width, dtype=jnp.int32), width)
+  return jnp.minimum(jnp.min(index, axis=-1), width - 1)
+
+
 def gather_beams(x: Array, index: Array) -> Array:
   """``x[b, index[b, j]]`` for ``x [B, K, ...]`` and ``index [B, J]``: beam search's selection
   of hypotheses (research.models.decoding, research.models.encoder_decoder.core)."""
@@ -281,11 +399,9 @@ def gather_beams(x: Array, index: Array) -> Array:
   return jnp.take_along_axis(x, index, axis=1)
 
 
-def reorder_beams(state: Any, beams: Array, k: int) -> Any:
-  """Rows of a ``[B*k, ...]`` state pytree (a decoder's cache) reordered to follow the beams
-  ``[B, k]`` the search kept."""
-
-  def one(x):
-    return gather_beams(x.reshape(-1, k, *x.shape[1:]), beams).reshape(x.shape)
-
-  return jax.tree.map(one, state)
+def beam_rows_at(rows: Array, index: Array) -> Array:
+  """``rows [G, k, S]`` (:func:`attention`'s ``beam_rows``) with position ``index`` in each
+  beam's own row: where a decoding step writes its keys."""
+  beams = rows.shape[1]
+  own = jnp.broadcast_to(jnp.arange(beams, dtype=rows.dtype)[None, :], rows.shape[:2])
+  return jax.lax.dynamic_update_index_in_dim(rows, own, index, axis=2)

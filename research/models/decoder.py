@@ -29,7 +29,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.common import attention, dense_init, layer_norm
+from research.models.common import (
+  attention,
+  cache_length,
+  dense_init,
+  empty_kv_cache,
+  layer_norm,
+  to_heads_major,
+  write_kv_cache,
+)
 from research.models.config import EncoderConfig
 from research.models.encoder import FeedForward, SelfAttention
 
@@ -111,10 +119,15 @@ class DecoderAttention(nn.Module):
     """Keys and values ``[B, S, heads, head_dim]`` of ``kv`` ``[B, S, D]``."""
     return self._split(self.key(kv)), self._split(self.value(kv))
 
-  def __call__(self, x: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Attends queries from ``x`` [B, T, D] to ``k``/``v``; ``mask`` is [B, 1|T, S]."""
+  def __call__(
+    self, x: Array, k: Array, v: Array, mask: Array, beam_rows: Array | None = None
+  ) -> Array:
+    """Attends queries from ``x`` [B, T, D] to a cache's heads-major ``k``/``v`` [B, heads, S,
+    head_dim]; ``mask`` is [B, 1|T, S]; ``beam_rows``: research.models.common's ``attention``."""
     q = self._split(self.query(x))
-    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None].astype(bool))
+    mask = mask[:, None].astype(bool)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    out = attention(q, k, v, mask=mask, heads_major=True, beam_rows=beam_rows)
     return self.output(out.reshape(*out.shape[:-2], self.config.hidden_size))
 
 
@@ -143,13 +156,15 @@ class DecoderLayer(nn.Module):
     mode: str = "full",
     cache: tuple[dict[str, Array], dict[str, Array]] | None = None,
     index: Array | None = None,
+    beam_rows: Array | None = None,
   ):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop = lambda h: nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     norm = lambda h, name: layer_norm(h, cfg.layer_norm_eps, self.dtype, self.param_dtype, name)
-    if mode == "memory":
-      return DecoderAttention(cfg, name="cross_attention", **kw).project_kv(memory)
+    if mode == "memory":  # The cache's heads-major layout.
+      k, v = DecoderAttention(cfg, name="cross_attention", **kw).project_kv(memory)
+      return to_heads_major(k), to_heads_major(v)
     if mode == "full":
       h = SelfAttention(cfg, name="attention", **kw)(x, self_mask, deterministic)
       x = norm(x + drop(h), "attention_norm")
@@ -158,14 +173,9 @@ class DecoderLayer(nn.Module):
     elif mode == "step":
       own, cross = cache
       attention = DecoderAttention(cfg, name="attention", **kw)
-      k, v = attention.project_kv(x)
-      at = (0, index, 0, 0)
-      own = {
-        "key": jax.lax.dynamic_update_slice(own["key"], k.astype(own["key"].dtype), at),
-        "value": jax.lax.dynamic_update_slice(own["value"], v.astype(own["value"].dtype), at),
-      }
-      seen = (jnp.arange(own["key"].shape[1]) <= index)[None, None, :]
-      x = norm(x + attention(x, own["key"], own["value"], seen), "attention_norm")
+      keys, values, own = write_kv_cache(own, index, *attention.project_kv(x))
+      seen = (jnp.arange(cache_length(own)) <= index)[None, None, :]
+      x = norm(x + attention(x, keys, values, seen, beam_rows), "attention_norm")
       h = DecoderAttention(cfg, name="cross_attention", **kw)(
         x, cross["key"], cross["value"], memory_mask
       )
@@ -230,28 +240,38 @@ class Decoder(nn.Module):
   def init_cache(self, memory: Array, max_length: int) -> Cache:
     """An empty self-attention cache of ``max_length`` positions, and the cross keys/values.
 
-    Returns ``{'self': [{'key', 'value'}] * layers, 'cross': [{'key', 'value'}] * layers}``;
-    beam search reorders only the ``self`` part (the ``cross`` part is the same for every beam
-    of a source).
+    Returns ``{'self': [{'key', 'value'}] * layers, 'cross': [{'key', 'value'}] * layers}``,
+    heads-major ``[B, heads, length, head_dim]`` (research.models.common's ``attention``);
+    only the ``self`` part changes while decoding (the ``cross`` part is the same for every
+    beam of a source).
     """
     cfg = self.config
-    shape = (memory.shape[0], max_length, cfg.num_heads, cfg.head_dim)
     cache: Cache = {"self": [], "cross": []}
     for layer in self._layers():
       k, v = layer(None, memory, None, None, mode="memory")
-      zeros = jnp.zeros(shape, k.dtype)
-      cache["self"].append({"key": zeros, "value": zeros})
+      own = empty_kv_cache(memory.shape[0], max_length, cfg.num_heads, cfg.head_dim, k.dtype)
+      cache["self"].append(own)
       cache["cross"].append({"key": k, "value": v})
     return cache
 
-  def step(self, ids: Array, index: Array, cache: Cache, memory_mask: Array) -> tuple[Array, Cache]:
-    """Hidden state [B, D] of the token ``ids`` [B] at position ``index``, and the new cache."""
+  def step(
+    self,
+    ids: Array,
+    index: Array,
+    cache: Cache,
+    memory_mask: Array,
+    beam_rows: Array | None = None,
+  ) -> tuple[Array, Cache]:
+    """Hidden state [B, D] of the token ``ids`` [B] at position ``index``, and the new cache
+    (``beam_rows``: research.models.common's ``attention``)."""
     positions = jnp.full((ids.shape[0], 1), index, jnp.int32)
     x = self.embeddings(ids[:, None], positions, True)
     cross_mask = memory_mask[:, None, :]
     new_self = []
     for layer, own, cross in zip(self._layers(), cache["self"], cache["cross"], strict=True):
-      x, own = layer(x, None, cross_mask, None, mode="step", cache=(own, cross), index=index)
+      x, own = layer(
+        x, None, cross_mask, None, mode="step", cache=(own, cross), index=index, beam_rows=beam_rows
+      )
       new_self.append(own)
     return x[:, 0], {"self": new_self, "cross": cache["cross"]}
 

@@ -1,9 +1,11 @@
 """Greedy and beam-search decoding, jitted, over a key/value cache.
 
 The search functions are model-agnostic: they drive ``step_fn(tokens [N], index, state,
-static) -> (logits [N, V], state)``, where ``state`` is what changes per step (the decoder's
-self-attention cache; beam search reorders it along the surviving beams) and ``static`` what
-does not (the cross-attention keys/values and the source mask). :func:`make_generate` glues an
+static, beam_rows) -> (logits [N, V], state)``, where ``state`` is what changes per step (the
+decoder's self-attention cache), ``static`` what does not (the cross-attention keys/values and
+the source mask) and ``beam_rows`` (beam search; None for greedy) which row of its source holds
+each beam's positions: beam search follows the surviving beams through that table instead of
+reordering the cache (research.models.common's ``attention``). :func:`make_generate` glues an
 :class:`research.models.seq2seq.EncoderDecoder` to them; with ``cache=False`` its step reruns
 the whole decoder over the prefix instead (the reference the cached path is tested against).
 
@@ -24,10 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from research.models.common import gather_beams, reorder_beams
+from research.models.common import argmax, beam_rows_at, gather_beams
 
 Array = jax.Array
-StepFn = Callable[[Array, Array, Any, Any], tuple[Array, Any]]
+StepFn = Callable[[Array, Array, Any, Any, Array | None], tuple[Array, Any]]
 NEG_INF = -jnp.inf
 
 
@@ -61,10 +63,10 @@ def greedy(
 
   def body(carry):
     i, cur, out, score, finished, state = carry
-    logits, state = step_fn(cur, i, state, static)
+    logits, state = step_fn(cur, i, state, static, None)
     cand = score[:, None] + jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     # The same arithmetic as beam search's candidates, so beam size 1 ties break identically.
-    nxt = jnp.argmax(cand, axis=-1).astype(jnp.int32)
+    nxt = argmax(cand)
     tok = jnp.where(finished, pad, nxt)
     score = jnp.where(finished, score, jnp.take_along_axis(cand, nxt[:, None], axis=1)[:, 0])
     out = out.at[:, i].set(tok)
@@ -109,8 +111,9 @@ def beam_search(
     return (i < n) & ~jnp.all(done)
 
   def body(carry):
-    i, cur, alive_seqs, alive_scores, fin_seqs, fin_scores, done, state = carry
-    logits, state = step_fn(cur.reshape(b * k), i, state, static)
+    i, cur, alive_seqs, alive_scores, fin_seqs, fin_scores, done, state, rows = carry
+    rows = beam_rows_at(rows, i)
+    logits, state = step_fn(cur.reshape(b * k), i, state, static, rows)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     vocab = logp.shape[-1]
     cand = (alive_scores[..., None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
@@ -126,9 +129,10 @@ def beam_search(
     # Alive: the best k that do not end in EOS (there are at least k among the 2k).
     alive_scores, j = jax.lax.top_k(jnp.where(is_eos, NEG_INF, vals), k)
     alive_seqs = gather_beams(seqs, j)
-    state = reorder_beams(state, gather_beams(beam, j), k)
+    rows = gather_beams(rows, gather_beams(beam, j))  # The cache stays; its rows are followed.
     done = done | (jnp.sum(jnp.isfinite(fin_scores), axis=1) >= k)
-    return i + 1, gather_beams(tok, j), alive_seqs, alive_scores, fin_seqs, fin_scores, done, state
+    cur = gather_beams(tok, j)
+    return i + 1, cur, alive_seqs, alive_scores, fin_seqs, fin_scores, done, state, rows
 
   first = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)  # Identical beams: expand one.
   init = (
@@ -140,8 +144,9 @@ def beam_search(
     jnp.full((b, k), NEG_INF, jnp.float32),
     jnp.zeros((b,), bool),
     state,
+    jnp.zeros((b, k, n), jnp.int32),
   )
-  i, _, alive_seqs, alive_scores, fin_seqs, fin_scores, done, _ = jax.lax.while_loop(
+  i, _, alive_seqs, alive_scores, fin_seqs, fin_scores, done, _, _ = jax.lax.while_loop(
     cond, body, init
   )
   # Sources without k finished hypotheses at max_length: their alive beams compete as they are.
@@ -166,7 +171,8 @@ def prepare(
 
   Encodes the source once; with ``beam_size`` k, every row is repeated k times. With ``cache``
   the state is the self-attention cache and ``static`` the cross keys/values and source mask;
-  without, the state is the token prefix, rerun through the whole decoder at every step.
+  without, the state is the tokens each row wrote (kept like a cache), each beam's prefix read
+  through ``beam_rows`` and rerun through the whole decoder at every step.
   """
   variables = {"params": params}
   mask = batch["attention_mask"]
@@ -179,7 +185,7 @@ def prepare(
   if cache:
     kv = model.apply(variables, memory, max_length, method=model.init_cache)
 
-    def cached_step(tokens, index, own, static):
+    def cached_step(tokens, index, own, static, beam_rows):
       cross, mask = static
       logits, new = model.apply(
         variables,
@@ -188,17 +194,23 @@ def prepare(
         {"self": own, "cross": cross},
         mask,
         task=task,
+        beam_rows=beam_rows,
         method=model.decode_step,
       )
       return logits, new["self"]
 
     return cached_step, kv["self"], (kv["cross"], mask)
 
-  def uncached_step(tokens, index, prefix, static):
+  def uncached_step(tokens, index, written, static, beam_rows):
     memory, mask = static
-    prefix = prefix.at[:, index].set(tokens)
+    written = written.at[:, index].set(tokens)  # Like a cache: each row writes its own.
+    prefix = written
+    if beam_rows is not None:  # Each beam's own tokens, read from the rows holding them.
+      groups, beams, length = beam_rows.shape
+      rows = written.reshape(groups, beams, length)
+      prefix = jnp.take_along_axis(rows, beam_rows, axis=1).reshape(written.shape)
     logits = model.apply(variables, prefix, memory, mask, task=task, method=model.decode)
-    return jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False), prefix
+    return jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False), written
 
   prefix = jnp.full((memory.shape[0], max_length), pad, jnp.int32)
   return uncached_step, prefix, (memory, mask)

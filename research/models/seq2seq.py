@@ -179,10 +179,18 @@ class EncoderDecoder(nn.Module):
     return self.decoder.init_cache(memory, max_length)
 
   def decode_step(
-    self, ids: Array, index: Array, cache: Cache, attention_mask: Array, *, task: str
+    self,
+    ids: Array,
+    index: Array,
+    cache: Cache,
+    attention_mask: Array,
+    *,
+    task: str,
+    beam_rows: Array | None = None,
   ) -> tuple[Array, Cache]:
-    """Logits [B, V] for the position after ``ids`` [B] (at ``index``), and the new cache."""
-    hidden, cache = self.decoder.step(ids, index, cache, attention_mask)
+    """Logits [B, V] for the position after ``ids`` [B] (at ``index``), and the new cache
+    (``beam_rows``: research.models.common's ``attention``)."""
+    hidden, cache = self.decoder.step(ids, index, cache, attention_mask, beam_rows)
     return self.heads(self.decoder.logits(hidden), (task,))[task], cache
 
 
@@ -278,10 +286,17 @@ class FamilySeq2Seq(nn.Module):
     return self.model.init_cache(memory, max_length)
 
   def decode_step(
-    self, ids: Array, index: Array, cache: Cache, attention_mask: Array, *, task: str
+    self,
+    ids: Array,
+    index: Array,
+    cache: Cache,
+    attention_mask: Array,
+    *,
+    task: str,
+    beam_rows: Array | None = None,
   ) -> tuple[Array, Cache]:
     self._check((task,))
-    return self.model.decode_step(ids, index, cache, attention_mask)
+    return self.model.decode_step(ids, index, cache, attention_mask, beam_rows=beam_rows)
 
 
 def make_model(

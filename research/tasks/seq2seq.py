@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.data import batching, registry, tokenize
+from research.models.common import argmax
 from research.tasks import register_kind
 from research.tasks import seq2seq_text as text_lib
 from research.tasks.kind import TaskKind
@@ -143,7 +144,7 @@ def loss(
 
 def predict(logits: jax.Array, batch: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
   """The teacher-forced next token at every position."""
-  return {"token": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
+  return {"token": argmax(logits)}
 
 
 def metrics(

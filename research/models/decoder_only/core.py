@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.models import peft_layers
-from research.models.common import attention, dropout
+from research.models.common import argmax, attention, cache_length, dropout, empty_kv_cache
 from research.models.config import PeftConfig
 
 Array = jax.Array
@@ -125,12 +125,10 @@ def causal_mask(mask: Array, offset: Array | int = 0, length: int | None = None)
 
 def init_cache(cfg: Any, batch: int, length: int, dtype: Any = jnp.float32) -> dict[str, Any]:
   """An empty key/value cache for ``cfg``'s model: ``{'index': 0, 'layers': ({'key', 'value'}:
-  [B, length, kv heads, head dim], ...)}``; ``length`` bounds prompt plus generated tokens."""
-  zeros = jnp.zeros((batch, length, cfg.num_kv_heads, cfg.head_dim), dtype)
-  return {
-    "index": jnp.zeros((), jnp.int32),
-    "layers": tuple({"key": zeros, "value": zeros} for _ in range(cfg.num_layers)),
-  }
+  [B, kv heads, length, head dim], ...)}`` (heads-major: research.models.common's ``attention``
+  says why); ``length`` bounds prompt plus generated tokens."""
+  layer = empty_kv_cache(batch, length, cfg.num_kv_heads, cfg.head_dim, dtype)
+  return {"index": jnp.zeros((), jnp.int32), "layers": (layer,) * cfg.num_layers}
 
 
 def prepare(
@@ -269,22 +267,12 @@ class CausalLM(nn.Module):
 
 def check_cache(cache: Any, mask: Array) -> None:
   """Raises ValueError unless ``mask`` spans the whole cache (what decoding's mask needs)."""
-  length = cache["layers"][0]["key"].shape[1] if cache["layers"] else mask.shape[1]
+  length = cache_length(cache["layers"][0]) if cache["layers"] else mask.shape[1]
   if mask.shape[1] != length:
     raise ValueError(
       f"decoding with a cache of {length} positions needs an attention_mask of {length} "
       f"columns (prompt and the tokens to come), got {mask.shape[1]}"
     )
-
-
-def update_cache(
-  layer: dict[str, Array], index: Array, k: Array, v: Array
-) -> tuple[Array, Array, dict[str, Array]]:
-  """Writes the new keys/values at ``index``; returns ``(all keys, all values, new layer)``."""
-  start = (0, index, 0, 0)
-  keys = jax.lax.dynamic_update_slice(layer["key"], k.astype(layer["key"].dtype), start)
-  values = jax.lax.dynamic_update_slice(layer["value"], v.astype(layer["value"].dtype), start)
-  return keys.astype(k.dtype), values.astype(v.dtype), {"key": keys, "value": values}
 
 
 def attend(
@@ -296,9 +284,11 @@ def attend(
   scale: float,
   rate: float,
   deterministic: bool,
+  heads_major: bool = False,
 ) -> Array:
-  """Softmax attention with grouped keys/values: ``q [B,T,H,D]``, ``k, v [B,S,K,D]`` (K | H),
-  ``mask`` the boolean :func:`causal_mask` (an fp32 additive bias is accepted too).
+  """Softmax attention with grouped keys/values: ``q [B,T,H,D]``, ``k, v [B,S,K,D]`` (K | H;
+  ``[B,K,S,D]`` from the cache: ``heads_major``), ``mask`` the boolean :func:`causal_mask` (an
+  fp32 additive bias is accepted too).
 
   Each of the K key/value heads serves H/K query heads (grouped-query attention; K == H is
   plain multi-head), which ``jax.nn.dot_product_attention`` does natively, through
@@ -310,7 +300,8 @@ def attend(
   if rate and not deterministic:
     drop = lambda w: dropout(module, w, rate, deterministic)
   masks = dict(mask=mask) if mask.dtype == jnp.bool_ else dict(bias=mask)
-  return attention(q, k, v.astype(k.dtype), scale=scale, weights_dropout=drop, **masks)
+  v = v.astype(k.dtype)
+  return attention(q, k, v, scale=scale, weights_dropout=drop, heads_major=heads_major, **masks)
 
 
 class RMSNorm(nn.Module):
@@ -443,7 +434,7 @@ def greedy_generate(
 
   def step(carry, _):
     logits, cache, done = carry
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = argmax(logits)
     if eos_token_id is not None:
       token = jnp.where(done, pad_token_id, token)
       done = done | (token == eos_token_id)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.common import ACTIVATIONS, dropout, layer_norm
+from research.models.common import ACTIVATIONS, dropout, layer_norm, write_kv_cache
 from research.models.config import PeftConfig
 from research.models.decoder_only import core
 from research.models.family import MATRIX_SHARDING, Family
@@ -173,8 +173,10 @@ class GPT2Attention(_GPT2Block):
     q, k, v = (y.reshape(shape) for y in (q, k, v))
     new_cache = None
     if cache is not None:
-      k, v, new_cache = core.update_cache(*cache, k, v)
-    h = core.attend(self, q, k, v, bias, scale, cfg.attention_dropout, deterministic)
+      k, v, new_cache = write_kv_cache(*cache, k, v)
+    h = core.attend(
+      self, q, k, v, bias, scale, cfg.attention_dropout, deterministic, cache is not None
+    )
     return dense(d, "output")(h.reshape(b, t, d)), new_cache
 
 

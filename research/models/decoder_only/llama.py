@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.common import ACTIVATIONS, dropout
+from research.models.common import ACTIVATIONS, dropout, write_kv_cache
 from research.models.config import PeftConfig
 from research.models.decoder_only import core
 from research.models.family import HEADS, KV_HEADS, MATRIX_SHARDING, Family
@@ -249,9 +249,11 @@ class Attention(_Block):
     q, k = core.apply_rope(q, positions, inv_freq), core.apply_rope(k, positions, inv_freq)
     new_cache = None
     if cache is not None:
-      k, v, new_cache = core.update_cache(*cache, k, v)
+      k, v, new_cache = write_kv_cache(*cache, k, v)
     scale = 1.0 / math.sqrt(cfg.head_dim)
-    out = core.attend(self, q, k, v, bias, scale, cfg.attention_dropout, deterministic)
+    out = core.attend(
+      self, q, k, v, bias, scale, cfg.attention_dropout, deterministic, cache is not None
+    )
     return dense(cfg.hidden_size, cfg.output_bias, "output")(out.reshape(b, t, -1)), new_cache
 
 

@@ -30,7 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.models import peft_layers
-from research.models.common import ACTIVATIONS, dropout
+from research.models.common import (
+  ACTIVATIONS,
+  cache_length,
+  dropout,
+  to_heads_major,
+  write_kv_cache,
+)
 from research.models.config import PeftConfig
 from research.models.encoder_decoder import core
 
@@ -258,14 +264,24 @@ class Attention(nn.Module):
     k = _project(self.key, source, deterministic)
     return self._heads(k), self._heads(_project(self.value, source, deterministic))
 
-  def __call__(self, x: Array, k: Array, v: Array, bias: Array, deterministic: bool) -> Array:
-    """Queries from ``x`` [B, T, D] over ``k``/``v``; ``bias`` broadcasts to [B, H, T, S].
+  def __call__(
+    self,
+    x: Array,
+    k: Array,
+    v: Array,
+    bias: Array,
+    deterministic: bool,
+    heads_major: bool = False,
+    beam_rows: Array | None = None,
+  ) -> Array:
+    """Queries from ``x`` [B, T, D] over ``k``/``v`` (from the cache: ``heads_major``, and
+    ``beam_rows``, research.models.common's ``attention``); ``bias`` broadcasts to [B, H, T, S].
 
     As transformers' eager attention: logits scaled after the product, fp32 softmax.
     """
     q = self._heads(_project(self.query, x, deterministic))
     rate, scale = self.config.attention_dropout, q.shape[-1] ** -0.5
-    out = core.attend(self, q, k, v, bias, rate, deterministic, scale)
+    out = core.attend(self, q, k, v, bias, rate, deterministic, scale, heads_major, beam_rows)
     return _project(self.output, out.reshape(*x.shape[:-1], -1), deterministic)
 
 
@@ -352,22 +368,22 @@ class Layer(nn.Module):
     deterministic: bool,
     memory: Array | None = None,
     memory_bias: Array | None = None,
-    cache: tuple[dict[str, Array], dict[str, Array], Array] | None = None,
+    cache: tuple[dict[str, Array], dict[str, Array], Array, Array | None] | None = None,
   ) -> tuple[Array, dict[str, Array] | None]:
     """``x`` through the layer; returns ``(x, the updated self-attention cache or None)``.
 
     Teacher forcing: ``memory`` [B, S, D] (decoder). Decoding: ``cache`` is ``(this layer's
-    self-attention buffers, its cross-attention keys/values, index)`` and ``x`` the new
-    position(s), written into the buffers at ``index``.
+    self-attention buffers, its cross-attention keys/values, index, beam_rows or None)`` and
+    ``x`` the new position(s), written into the buffers at ``index``.
     """
 
     def self_attention(h: Array) -> tuple[Array, Any]:
       k, v = self.attention.keys_values(h, deterministic)
-      new = None
+      new = beam_rows = None
       if cache is not None:
-        own, _, index = cache
-        k, v, new = core.write_cache(own, index, k, v)
-      return self.attention(h, k, v, bias, deterministic), new
+        own, _, index, beam_rows = cache
+        k, v, new = write_kv_cache(own, index, k, v)
+      return self.attention(h, k, v, bias, deterministic, cache is not None, beam_rows), new
 
     x, new = self._block(x, self.attention_norm, self_attention, deterministic, "attention_adapter")
     if self.cross:
@@ -377,7 +393,8 @@ class Layer(nn.Module):
           k, v = self.cross_attention.keys_values(memory, deterministic)
         else:
           k, v = cache[1]["key"].astype(h.dtype), cache[1]["value"].astype(h.dtype)
-        return self.cross_attention(h, k, v, memory_bias, deterministic), None
+        cached = cache is not None
+        return self.cross_attention(h, k, v, memory_bias, deterministic, cached), None
 
       x, _ = self._block(
         x, self.cross_attention_norm, cross_attention, deterministic, "cross_attention_adapter"
@@ -475,13 +492,17 @@ class BartDecoder(nn.Module):
     memory: Array | None = None,
     cache: Cache | None = None,
     index: Array | None = None,
+    beam_rows: Array | None = None,
   ) -> tuple[Array, tuple[dict[str, Array], ...] | None]:
     """Final hidden states of ``ids`` and, when decoding, the new self-attention buffers."""
     cfg = self.config
     x = self.embeddings(ids, positions, shared, deterministic)
     buffers = []
     for i in range(cfg.decoder_layers):
-      layer_cache = None if cache is None else (cache["self"][i], cache["cross"][i], index)
+      if cache is None:
+        layer_cache = None
+      else:
+        layer_cache = (cache["self"][i], cache["cross"][i], index, beam_rows)
       x, new = self._layer(i)(x, bias, deterministic, memory, memory_bias, layer_cache)
       buffers.append(new)
     if cfg.pre_norm:
@@ -493,7 +514,7 @@ class BartDecoder(nn.Module):
     out = []
     for i in range(self.config.decoder_layers):
       k, v = self._layer(i).cross_attention.keys_values(memory)
-      out.append({"key": k, "value": v})
+      out.append({"key": to_heads_major(k), "value": to_heads_major(v)})
     return tuple(out)
 
 
@@ -625,13 +646,15 @@ class BartModel(nn.Module):
     attention_mask: Array,
     *,
     task: str | None = None,
+    beam_rows: Array | None = None,
   ) -> tuple[Array, Cache]:
     """Logits [B, V] for the position after ``ids`` [B] (at ``index``), and the new cache.
 
-    ``task`` is accepted and ignored (one LM head; research.models.decoding passes it).
+    ``task`` is accepted and ignored (one LM head; research.models.decoding passes it);
+    ``beam_rows``: research.models.common's ``attention``.
     """
     del task
-    length = cache["self"][0]["key"].shape[1]  # Keys up to ``index`` are seen.
+    length = cache_length(cache["self"][0])  # Keys up to ``index`` are seen.
     bias = core.causal_bias(jnp.ones((1, length), jnp.int32), 1, index)
     positions = jnp.full((ids.shape[0], 1), index, jnp.int32)
     hidden, buffers = self.decoder(
@@ -643,5 +666,6 @@ class BartModel(nn.Module):
       True,
       cache=cache,
       index=index,
+      beam_rows=beam_rows,
     )
     return self._logits(hidden[:, 0]), {"self": buffers, "cross": cache["cross"]}

@@ -16,12 +16,16 @@ The seam every encoder-decoder family follows (T5 here; BART, mBART and Marian b
   -> memory ``[B, S, D]``; ``decode(decoder_input_ids, memory, attention_mask,
   decoder_attention_mask=None, *, deterministic=True, task=None)`` -> logits;
   ``init_cache(memory, max_length)`` -> cache; ``decode_step(ids [B], index, cache,
-  attention_mask, *, task=None)`` -> ``(logits [B, V], cache)``. ``task`` is accepted and ignored
-  so research.models.decoding's fairseq-style search drives these models too.
-- **Cache** (:func:`empty_self_cache`): ``{'self': ({'key', 'value'}: [B, max_length, heads,
-  head_dim], ...), 'cross': ({'key', 'value'}: [B, S, heads, head_dim], ...)}``, one entry per
-  decoder layer. ``self`` is written at ``index`` by each step (and reordered along beams);
-  ``cross`` is projected once from the memory by ``init_cache`` and never changes.
+  attention_mask, *, task=None, beam_rows=None)`` -> ``(logits [B, V], cache)``. ``task`` is
+  accepted and ignored so research.models.decoding's fairseq-style search drives these models
+  too; ``beam_rows`` (beam search) goes to the self-attention.
+- **Cache** (:func:`empty_self_cache`): ``{'self': ({'key', 'value'}: [B, heads, max_length,
+  head_dim], ...), 'cross': ({'key', 'value'}: [B, heads, S, head_dim], ...)}``, one entry per
+  decoder layer, heads-major (research.models.common's ``attention`` says why). ``self`` is
+  written at ``index`` by each step (research.models.common's ``write_kv_cache``; beam search
+  never reorders it: ``decode_step(..., beam_rows=)`` says which row holds each beam's
+  positions, research.models.common's ``attention``); ``cross`` is projected once from the
+  memory by ``init_cache`` and never changes.
 
 Generation (:func:`generate`) reproduces transformers' ``generate(do_sample=False, ...)`` for
 encoder-decoder models, token for token: greedy decoding, and its beam search, which differs from
@@ -48,10 +52,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.models.common import attention, dropout, gather_beams, reorder_beams
+from research.models.common import (
+  argmax,
+  attention,
+  beam_rows_at,
+  dropout,
+  empty_kv_cache,
+  gather_beams,
+)
 
 Array = jax.Array
-StepFn = Callable[[Array, Array, Any, Any], tuple[Array, Any]]
+# step_fn(tokens [N], index, state, static, beam_rows [G, k, S] or None) -> (logits, state).
+StepFn = Callable[[Array, Array, Any, Any, Array | None], tuple[Array, Any]]
 NEG = float(np.finfo(np.float32).min)  # Additive mask: finite, so fully masked rows stay finite.
 HF_NEG = -1.0e9  # transformers' beam search marks impossible beams by adding this.
 
@@ -84,9 +96,12 @@ def attend(
   rate: float,
   deterministic: bool,
   scale: float | None = None,
+  heads_major: bool = False,
+  beam_rows: Array | None = None,
 ) -> Array:
-  """Softmax attention ``q [B,T,H,D]`` over ``k, v [B,S,H,D]`` with an additive fp32 ``bias``
-  broadcastable to ``[B,H,T,S]`` (masks and position biases summed by the caller).
+  """Softmax attention ``q [B,T,H,D]`` over ``k, v [B,S,H,D]`` (``[B,H,S,D]`` from the cache:
+  ``heads_major``) with an additive fp32 ``bias`` broadcastable to ``[B,H,T,S]`` (masks and
+  position biases summed by the caller); ``beam_rows``: research.models.common's ``attention``.
 
   ``scale`` None leaves the scores unscaled, as T5 (which folds ``1/sqrt(d)`` into its init);
   research.models.common.attention (``jax.nn.dot_product_attention``: fused on GPUs) with logits
@@ -95,25 +110,24 @@ def attend(
   drop = None
   if rate and not deterministic:
     drop = lambda w: dropout(module, w, rate, deterministic)
-  return attention(q, k, v, bias=bias, scale=1.0 if scale is None else scale, weights_dropout=drop)
+  scale = 1.0 if scale is None else scale
+  return attention(
+    q,
+    k,
+    v,
+    bias=bias,
+    scale=scale,
+    weights_dropout=drop,
+    heads_major=heads_major,
+    beam_rows=beam_rows,
+  )
 
 
 def empty_self_cache(
   batch: int, length: int, layers: int, heads: int, head_dim: int, dtype: Any = jnp.float32
 ) -> tuple[dict[str, Array], ...]:
-  """The ``self`` part of the cache: zero keys/values ``[batch, length, heads, head_dim]``."""
-  zeros = jnp.zeros((batch, length, heads, head_dim), dtype)
-  return tuple({"key": zeros, "value": zeros} for _ in range(layers))
-
-
-def write_cache(
-  layer: dict[str, Array], index: Array, k: Array, v: Array
-) -> tuple[Array, Array, dict[str, Array]]:
-  """Writes ``k, v [B, T, H, D]`` at ``index``; returns ``(all keys, all values, new layer)``."""
-  start = (0, index, 0, 0)
-  keys = jax.lax.dynamic_update_slice(layer["key"], k.astype(layer["key"].dtype), start)
-  values = jax.lax.dynamic_update_slice(layer["value"], v.astype(layer["value"].dtype), start)
-  return keys.astype(k.dtype), values.astype(v.dtype), {"key": keys, "value": values}
+  """The ``self`` part of the cache: zero keys/values ``[batch, heads, length, head_dim]``."""
+  return tuple(empty_kv_cache(batch, length, heads, head_dim, dtype) for _ in range(layers))
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -191,9 +205,9 @@ def greedy_search(step_fn: StepFn, state: Any, static: Any, batch: int, gen: Gen
 
   def body(carry):
     i, cur, out, score, finished, state = carry
-    logits, state = step_fn(cur, i, state, static)
+    logits, state = step_fn(cur, i, state, static, None)
     scores = _process(logits.astype(jnp.float32), i, gen)
-    tok = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    tok = argmax(scores)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), tok[:, None], axis=1)[:, 0]
     score = jnp.where(finished, score, score + logp)
     tok = jnp.where(finished, gen.pad_token_id, tok)
@@ -232,8 +246,9 @@ def beam_search(step_fn: StepFn, state: Any, static: Any, batch: int, gen: Gener
     return (carry[0] < n) & ~carry[-1]
 
   def body(carry):
-    i, cur, alive, alive_scores, fin, fin_scores, fin_done, open_, state, _ = carry
-    logits, state = step_fn(cur.reshape(b * k), i, state, static)
+    i, cur, alive, alive_scores, fin, fin_scores, fin_done, open_, state, rows, _ = carry
+    rows = beam_rows_at(rows, i)
+    logits, state = step_fn(cur.reshape(b * k), i, state, static, rows)
     logp = _process(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), i, gen)
     vocab = logp.shape[-1]
     cand = (logp.reshape(b, k, vocab) + alive_scores[..., None]).reshape(b, k * vocab)
@@ -245,7 +260,7 @@ def beam_search(step_fn: StepFn, state: Any, static: Any, batch: int, gen: Gener
     running = vals + hits.astype(jnp.float32) * HF_NEG
     _, j = jax.lax.top_k(running, k)
     alive, alive_scores = gather_beams(seqs, j), gather_beams(running, j)
-    state = reorder_beams(state, gather_beams(beam, j), k)
+    rows = gather_beams(rows, gather_beams(beam, j))  # The cache stays; its rows are followed.
     # Finished: those among the best k that hit EOS or max length, if they may still enter.
     new = hits & top_k_mask[None, :]
     scores = vals / penalty[i]
@@ -263,7 +278,7 @@ def beam_search(step_fn: StepFn, state: Any, static: Any, batch: int, gen: Gener
     open_ = open_ & jnp.any(best > worst, axis=-1, keepdims=True)
     stop = ~(jnp.any(open_) & ~(jnp.all(fin_done) & early) & ~jnp.all(hits))
     cur = alive[:, :, i]
-    return i + 1, cur, alive, alive_scores, fin, fin_scores, fin_done, open_, state, stop
+    return i + 1, cur, alive, alive_scores, fin, fin_scores, fin_done, open_, state, rows, stop
 
   first = jnp.where(jnp.arange(k) == 0, 0.0, HF_NEG).astype(jnp.float32)
   init = (
@@ -276,6 +291,7 @@ def beam_search(step_fn: StepFn, state: Any, static: Any, batch: int, gen: Gener
     jnp.zeros((b, k), bool),
     jnp.ones((b, 1), bool),
     state,
+    jnp.zeros((b, k, n), jnp.int32),
     jnp.zeros([], bool),
   )
   out = jax.lax.while_loop(cond, body, init)
@@ -289,7 +305,8 @@ def prepare(
   model: Any, params: Any, input_ids: Array, attention_mask: Array, beams: int, length: int
 ) -> tuple[StepFn, Any, Any]:
   """``(step_fn, state, static)`` of a ``Family.seq2seq`` model: the source encoded once and
-  repeated per beam, the self-attention cache as the state (reordered along beams), the
+  repeated per beam, the self-attention cache as the state (followed along beams by
+  ``beam_rows``, never reordered), the
   cross-attention keys/values and the source mask as the static part."""
   variables = {"params": params}
   memory = model.apply(variables, input_ids, attention_mask, method=model.encode)
@@ -298,10 +315,12 @@ def prepare(
     attention_mask = jnp.repeat(attention_mask, beams, axis=0)
   cache = model.apply(variables, memory, length, method=model.init_cache)
 
-  def step(tokens, index, own, static):
+  def step(tokens, index, own, static, beam_rows):
     cross, mask = static
     cache = {"self": own, "cross": cross}
-    logits, new = model.apply(variables, tokens, index, cache, mask, method=model.decode_step)
+    logits, new = model.apply(
+      variables, tokens, index, cache, mask, beam_rows=beam_rows, method=model.decode_step
+    )
     return logits, new["self"]
 
   return step, cache["self"], (cache["cross"], attention_mask)

@@ -38,7 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.models import peft_layers
-from research.models.common import ACTIVATIONS, dropout
+from research.models.common import (
+  ACTIVATIONS,
+  cache_length,
+  dropout,
+  to_heads_major,
+  write_kv_cache,
+)
 from research.models.config import PeftConfig
 from research.models.encoder_decoder import core
 from research.models.family import HEADS, MATRIX_SHARDING, WHOLE_MODEL_RULES, Family
@@ -335,8 +341,9 @@ class Attention(_Block):
   ``relative`` makes this module own ``relative_attention_bias`` and compute the position bias
   from ``buckets`` ([T, S] ints); otherwise ``position_bias`` (the first layer's, in T5) or
   none is used. Keys and values come from ``source`` (cross-attention), from ``x``, or from
-  ``kv`` (a cached cross-attention's); ``cache`` ``(layer, index)`` writes the new self-attention
-  keys/values first. ``kv_only`` returns the projected ``(keys, values)`` of ``source`` alone
+  ``kv`` (a cached cross-attention's); ``cache`` ``(layer, index, beam_rows)`` writes the new
+  self-attention keys/values first (and attends over beams' rows, research.models.common's
+  ``attention``). ``kv_only`` returns the projected ``(keys, values)`` of ``source`` alone
   (``init_cache``). Returns ``(output, position bias, new layer cache)``.
   """
 
@@ -365,16 +372,17 @@ class Attention(_Block):
       v = _projection(self, h * d, "value", std, deterministic)(src)
       k = k.reshape(*src.shape[:2], h, d)
       v = v.reshape(*src.shape[:2], h, d)
-      if kv_only:
-        return k, v
+      if kv_only:  # The cache's heads-major layout.
+        return to_heads_major(k), to_heads_major(v)
     else:
       k, v = kv
     b, t, _ = x.shape
     q = _projection(self, h * d, "query", (cfg.hidden_size * d) ** -0.5, deterministic)(x)
     q = q.reshape(b, t, h, d)
-    new_cache = None
+    new_cache = beam_rows = None
     if cache is not None:
-      k, v, new_cache = core.write_cache(*cache, k, v)
+      own, index, beam_rows = cache
+      k, v, new_cache = write_kv_cache(own, index, k, v)
     if self.relative:
       table = nn.Embed(
         cfg.relative_attention_num_buckets,
@@ -388,7 +396,10 @@ class Attention(_Block):
     bias = 0.0 if position_bias is None else position_bias
     if mask_bias is not None:
       bias = bias + mask_bias
-    out = core.attend(self, q, k, v, bias, cfg.attention_dropout, deterministic)
+    cached = cache is not None or kv is not None
+    out = core.attend(
+      self, q, k, v, bias, cfg.attention_dropout, deterministic, None, cached, beam_rows
+    )
     out = _projection(self, cfg.hidden_size, "output", (h * d) ** -0.5, deterministic)(
       out.reshape(b, t, h * d)
     )
@@ -528,7 +539,8 @@ class DecoderLayer(_Block):
   """Self-attention (causal), cross-attention over the memory, feed-forward; all pre-norm.
 
   Teacher forcing passes ``memory``; a decoding step passes ``kv`` (the cached cross keys and
-  values) and ``cache`` ``(self layer cache, index)``; ``kv_only`` returns the cross keys/values
+  values) and ``cache`` ``(self layer cache, index, beam_rows or None)``; ``kv_only`` returns the
+  cross keys/values
   of ``memory`` (``init_cache``). Returns ``(x, position bias, new self layer cache)``.
   """
 
@@ -595,6 +607,7 @@ class T5Decoder(_Block):
     cache: dict[str, Any] | None = None,
     index: Array | None = None,
     kv_only: bool = False,
+    beam_rows: Array | None = None,
   ) -> Any:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -616,11 +629,11 @@ class T5Decoder(_Block):
       caches = [None] * len(layers)
       kvs = [None] * len(layers)
     else:
-      length = cache["self"][0]["key"].shape[1]
+      length = cache_length(cache["self"][0])
       buckets = _step_buckets(cfg, length, index)
       allowed = jnp.arange(length) <= index
       self_bias = jnp.where(allowed, 0.0, core.NEG).astype(jnp.float32)[None, None, None, :]
-      caches = [(own, index) for own in cache["self"]]
+      caches = [(own, index, beam_rows) for own in cache["self"]]
       kvs = [(kv["key"], kv["value"]) for kv in cache["cross"]]
     position_bias, new = None, []
     for layer, own, kv in zip(layers, caches, kvs, strict=True):
@@ -752,11 +765,19 @@ class T5ForConditionalGeneration(_Block):
     attention_mask: Array,
     *,
     task: str | None = None,
+    beam_rows: Array | None = None,
   ) -> tuple[Array, dict[str, Any]]:
-    """Logits ``[B, V]`` for the position after ``ids [B]`` (at ``index``), and the new cache."""
+    """Logits ``[B, V]`` for the position after ``ids [B]`` (at ``index``), and the new cache
+    (``beam_rows``: research.models.common's ``attention``)."""
     del task
     hidden, cache = self.decoder(
-      ids[:, None], self._table(), None, attention_mask, cache=cache, index=index
+      ids[:, None],
+      self._table(),
+      None,
+      attention_mask,
+      cache=cache,
+      index=index,
+      beam_rows=beam_rows,
     )
     return self._logits(hidden)[:, 0], cache
 
