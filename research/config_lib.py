@@ -179,8 +179,17 @@ def finetune(c: ml_collections.ConfigDict, steps: int, best_metric: str, every: 
 
 
 def smoke(c: ml_collections.ConfigDict, steps: int = 20) -> None:
-  """A ``smoke`` variant's schedule: a few steps of 8, one eval and checkpoint at the end."""
+  """A ``smoke`` variant's schedule: a few steps of 8, one eval and checkpoint at the end.
+
+  Each task keeps only its largest bucket: a handful of steps would otherwise compile the step
+  once per bucket they happen to draw, which is most of a smoke run's time (bucketing and its
+  compile-once-per-shape behaviour have tests of their own).
+  """
   c.train.update(steps=steps, batch_size=8, log_every=5, eval_every=steps, checkpoint_every=steps)
+  for task in c.get("tasks", {}).values():
+    buckets = task.get("data", {}).get("buckets")
+    if buckets:
+      task.data.buckets = (max(buckets),)
 
 
 def ner_task(dataset: str, crf: bool = False) -> ml_collections.ConfigDict:
