@@ -108,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
     nonfinite_patience=5,
     progress=True,  # a bar on a terminal; else a plain line every progress_every_s seconds
     progress_every_s=60.0,
+    profile_steps=(0, 0),  # (first, stop): steps [first, stop) traced into <workdir>/profile
   )
   c.eval = dict(batch_size=64)
   c.optim = optim.default_config()

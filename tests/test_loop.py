@@ -271,3 +271,19 @@ def test_loop_redirected_run_prints_progress_lines_with_eta(tmp_path):
   # The first window (compilation) sets the rate; then one line per logged window.
   assert [x.split(" ")[1] for x in lines] == ["4/6", "6/6"], out.stderr[-2000:]
   assert re.search(r"examples/s, ETA \d+m\d\ds, loss \d", lines[0])
+
+
+def test_loop_profile_steps_writes_a_trace_of_those_steps(tmp_path, capfd):
+  """``train.profile_steps=(2, 4)``: a jax.profiler trace (Perfetto and TensorBoard files) of
+  steps 2-3 in <workdir>/profile, announced on the console; the run itself is unchanged."""
+  config = supervised()
+  config.train.profile_steps = (2, 4)
+  results = run(config, tmp_path)
+  assert results["steps"] == 8
+  traces = list((tmp_path / "profile").rglob("perfetto_trace.json.gz"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  assert "profile of steps 2-3" in capfd.readouterr().err  # The console (stderr).
+  config.train.profile_steps = (4,)
+  with pytest.raises(Exception, match=r"train.profile_steps=\(4,\): must be \(first, stop\)"):
+    run(config, tmp_path / "bad")
+  assert not (tmp_path / "bad").exists()  # Refused before anything is written.

@@ -285,6 +285,39 @@ def _train(
   return _steps(program, run_, steps, batch_hook, t_start, plan, ckpts)
 
 
+class _StepProfiler:
+  """``train.profile_steps = (first, stop)``: a jax.profiler trace of steps ``[first, stop)``
+  in ``directory`` (TensorBoard's profile plugin or Perfetto read it), from the main process.
+  The steps before ``first`` compile, so the trace holds steady-state steps only; the trace
+  stops early if the run ends or fails inside the window."""
+
+  def __init__(self, steps: Any, directory: Path, enabled: bool):
+    self.first, self.stop = (int(x) for x in steps)
+    self.directory, self.enabled, self.active = directory, enabled and self.stop > self.first, False
+
+  def before(self, step: int) -> None:
+    if self.enabled and step == self.first:
+      jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+      self.active = True
+
+  def after(self, step: int, outputs: Any, print_fn: Callable[[str], None]) -> None:
+    if self.active and step + 1 == self.stop:
+      jax.block_until_ready(outputs)
+      self._end()
+      print_fn(f"profile of steps {self.first}-{self.stop - 1}: {self.directory}")
+
+  def _end(self) -> None:
+    self.active = False
+    jax.profiler.stop_trace()
+
+  def __enter__(self) -> _StepProfiler:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    if self.active:
+      self._end()
+
+
 def _steps(
   program: Program,
   run_: Run,
@@ -352,9 +385,12 @@ def _steps(
   t_window, first_window = time.time(), True  # The window being trained started at t_window.
   patience = tcfg.nonfinite_patience
   schedule = optim.lr_schedule(plan.optim, max(int(tcfg.steps), 1))
-  with _PreemptionFlag().installed() as preemption:
+  profiler = _StepProfiler(tcfg.profile_steps, run_.workdir / "profile", run_.is_main)
+  with _PreemptionFlag().installed() as preemption, profiler:
     for step in range(start_step, steps):
+      profiler.before(step)
       state, metrics = program.step_fn(step)(state, next(batches))
+      profiler.after(step, (state, metrics), writer.print)
       if step == start_step:  # Waits for this one step: results.json's time_to_first_step_s.
         jax.block_until_ready((state, metrics))
         segments.first_step_done()

@@ -130,6 +130,11 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     )
   if tcfg.best_mode not in ("max", "min"):
     raise errors.UsageError(f"train.best_mode={tcfg.best_mode!r}: must be 'max' or 'min'")
+  profile = tuple(tcfg.get("profile_steps", (0, 0)))
+  if len(profile) != 2 or not all(isinstance(x, int) and x >= 0 for x in profile):
+    raise errors.UsageError(
+      f"train.profile_steps={profile}: must be (first, stop), two step numbers >= 0"
+    )
   from research.models import seq2seq
 
   modes = (*INIT_MODES, *seq2seq.INIT_MODES)
