@@ -108,6 +108,9 @@ ATTENTION_ENV = (
 )
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# A masked logit in the written-out paths: jax's XLA attention's own value (finite, so a row
+# with nothing to attend to gets uniform weights instead of NaNs).
+MASKED_LOGIT = np.float32(-0.7 * float(np.finfo(np.float32).max))
 
 
 def attention_implementation(requested: str | None = None) -> str:
@@ -198,7 +201,8 @@ def attention(
   positions stay in the row of the beam that wrote them, and ``beam_rows [G, k, S]`` (``G``
   sources of ``k`` beams, ``G * k = B``) says, for each beam and position, which of its source's
   ``k`` rows holds that position. Each beam's query attends to all ``k`` rows of its source
-  with the other rows' keys masked: the cache is read once per source, as it would be anyway.
+  with the other rows' keys masked: ``k`` times the logits of a plain step, which cost less
+  than the copy (docs/benchmarks.md, "Decoding").
 
   Args:
     q: queries [B, T, N, H].
@@ -291,8 +295,7 @@ def _attention_written_out(
   if bias is not None:
     logits = logits + group(bias).astype(jnp.float32)
   if mask is not None:
-    neg = jnp.float32(-0.7 * float(np.finfo(np.float32).max))
-    logits = jnp.where(group(mask), logits, neg)
+    logits = jnp.where(group(mask), logits, MASKED_LOGIT)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   if weights_dropout is not None:
     weights = weights_dropout(weights)
@@ -332,7 +335,7 @@ def _attention_over_beams(
   keep = own[:, :, None, None, None]  # [Z, J, 1, 1, 1, R, S]
   if mask is not None:
     keep = keep & per_beam(mask)
-  logits = jnp.where(keep, logits, jnp.float32(-0.7 * float(np.finfo(np.float32).max)))
+  logits = jnp.where(keep, logits, MASKED_LOGIT)
   flat = logits.reshape(*logits.shape[:-2], beams * length)
   weights = jax.nn.softmax(flat, axis=-1).reshape(logits.shape).astype(v.dtype)
   out = jnp.einsum("zjkgtrs,zrksh->zjtkgh", weights, vb)
