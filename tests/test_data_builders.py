@@ -146,6 +146,27 @@ def prepare_error(name: str, manual_dir: Path, tmp_path: Path) -> str:
   return str(e.value)
 
 
+def test_builder_prepared_by_another_process_while_waiting_has_its_splits(tmp_path, monkeypatch):
+  """Two processes start on an unprepared set: the one that waits for the lock while the other
+  prepares gets a builder with the splits on disk, not the empty one it made before waiting."""
+  import contextlib
+
+  cfg = fixture_cfg("sst2", tmp_path)
+  real_lock = sources._file_lock
+
+  @contextlib.contextmanager
+  def lock_won_by_another_process(path):
+    monkeypatch.setattr(sources, "_file_lock", real_lock)
+    sources.get_builder(cfg)  # The other process: prepares while this one waits.
+    with real_lock(path):
+      yield
+
+  monkeypatch.setattr(sources, "_file_lock", lock_won_by_another_process)
+  builder = sources.get_builder(cfg)
+  assert builder.info.splits["train"].num_examples == 40
+  assert len(sources.read_columns(builder, "validation", ["text"])["text"]) == 5
+
+
 def test_builder_bad_tsv_missing_column(tmp_path):
   d = write(tmp_path / "raw", "train.tsv", "sentence\tlabel\ngood film \t1\nno label here\n")
   msg = prepare_error("sst2", d, tmp_path)

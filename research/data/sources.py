@@ -142,6 +142,10 @@ def get_builder(data_cfg: ml_collections.ConfigDict, prepare: bool = True) -> An
           builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
           )
+          return builder
+      # Another process prepared it while this one waited for the lock: a builder made
+      # before that holds no splits, so it is made again from what is on disk now.
+      builder = _local_builder(data_cfg)
     return builder
   builder = _catalog_builder(data_cfg)
   if prepare and data_cfg.download and not is_prepared(builder):
