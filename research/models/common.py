@@ -228,11 +228,13 @@ def attention(
   scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
   name = attention_implementation(implementation)
   biased = mask is not None or bias is not None
+  if beam_rows is not None:  # Decoding: deterministic, over the cache.
+    if not heads_major or weights_dropout is not None:
+      raise ValueError("attention: beam_rows needs heads-major keys/values and no dropout")
+    return _attention_over_beams(q, k, v, mask, bias, scale, beam_rows)
   if heads_major:
     k_bskh = to_heads_major(k)  # The same swap both ways.
     fused = name == "cudnn" or (name == "auto" and _cudnn_fits(q, k_bskh, biased))
-    if beam_rows is not None:
-      return _attention_over_beams(q, k, v, mask, bias, scale, beam_rows)
     if weights_dropout is not None or q.shape[1] == 1 or not fused:
       return _attention_written_out(q, k, v, mask, bias, scale, weights_dropout, heads_major)
     k, v = k_bskh, to_heads_major(v)
