@@ -175,9 +175,12 @@ def run(config, workdir: str) -> None:
   except loop.Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(PREEMPTED_EXIT)
+  # A cross-data-set meta run scores its task on another data set's episodes: say which.
+  test_data = results.get("meta", {}).get("test_data")
   for task, metrics in results["eval"].items():
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    print(f"{task}: {shown}", file=sys.stderr)
+    on = f" (meta-test on {test_data})" if test_data and test_data != task else ""
+    print(f"{task}{on}: {shown}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> None:

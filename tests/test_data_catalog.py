@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from research import tasks
-from research.data import build_iterator, default_data_config, label_names
+from research.data import build_iterator, default_data_config, label_names, registry
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -48,3 +48,10 @@ def test_builder_catalog_conll2003_mock(tmp_path, tokenizer):
   names = label_names(cfg, tagging)
   row = batch["labels"][0]
   assert [names[i] for i in row[row >= 0]] == ["B-PER", "I-PER", "O", "B-LOC"]
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_registered_data_set_has_a_valid_default_config(name):
+  """``default_data_config(name)`` with no overrides passes its own validation."""
+  cfg = default_data_config(name)
+  assert cfg.name == name and cfg.buckets[-1] >= cfg.max_length

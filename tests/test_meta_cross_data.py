@@ -44,7 +44,7 @@ def all_batches(it) -> list[dict[str, np.ndarray]]:
   return [{k: np.asarray(v) for k, v in b.items()} for b in it]
 
 
-def test_cross_data_tiny_run_meta_tests_on_the_other_data_set(tmp_path, monkeypatch):
+def test_cross_data_tiny_run_meta_tests_on_the_other_data_set(tmp_path, monkeypatch, capsys):
   """Meta-train and meta-valid episodes from the BANKING77 fixture, meta-test episodes from
   CLINC150's meta-test classes; results.json says so."""
   config = config_of("tiny,test_data=clinc150,algorithm=anil")
@@ -71,6 +71,11 @@ def test_cross_data_tiny_run_meta_tests_on_the_other_data_set(tmp_path, monkeypa
   assert (meta["test_data"], meta["test_class_split_run"]) == ("clinc150", "01")
   assert saved["eval"]["banking77"]["episodes"] == 16
   assert np.load(tmp_path / "test_episode_accuracy.npy").shape == (16,)
+  # metrics.jsonl's test record and the console line name the episodes' data set too.
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  (test,) = [r for r in records if r["split"] == "test"]
+  assert test["test_data"] == "clinc150"
+  assert "2-way 1-shot on clinc150: accuracy" in capsys.readouterr().err
 
   # The test episodes' utterances are CLINC150's, of its meta-test classes, labelled consistently.
   tokenizer = tokenizer_of(config)

@@ -164,7 +164,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     source="catalog",
     tfds_name="glue/sst2",
     text_key="sentence",
-    buckets=(16, 24, 32, 48, 64),
+    buckets=(8, 12, 16, 24, 32, 48, 64, 128),  # The local copy's ("sst2").
   ),
   "imdb_reviews": dict(
     source="catalog",

@@ -336,10 +336,11 @@ class MetaProgram(loop.Program):
     progress.done()
     test = mean_ci95(accs)
     run.print(
-      f"meta-test {settings.algorithm} {meta.n_way}-way {meta.k_shot}-shot: accuracy "
-      f"{test['accuracy']:.4f} ± {test['ci95']:.4f} over {test['episodes']} episodes"
+      f"meta-test {settings.algorithm} {meta.n_way}-way {meta.k_shot}-shot on "
+      f"{self.test_data.name}: accuracy {test['accuracy']:.4f} ± {test['ci95']:.4f} over "
+      f"{test['episodes']} episodes"
     )
-    run.write(self.steps, "test", {"task": task, **test})
+    run.write(self.steps, "test", {"task": task, "test_data": self.test_data.name, **test})
     if run.is_main:
       np.save(run.workdir / "test_episode_accuracy.npy", accs)
     task_cfg = single_task(self.config)[1]
