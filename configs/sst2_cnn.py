@@ -41,8 +41,7 @@ def get_config(arg: str | None = None):
   if arg.static:
     c.optim.freeze = ("encoder/word_embeddings/.*",)
   if arg.smoke:
-    config_lib.smoke(c)
-    c.tasks.sst2.data.update(max_length=64, buckets=(32, 64))
+    config_lib.smoke(c, max_length=64, eval_examples=256)
   if arg.tiny:
     config_lib.make_tiny(c, "sst2", fixture="sst2", steps=10)
     c.model.init = arg.init  # Tiny still grafts: the test checks the table arrives bitwise.

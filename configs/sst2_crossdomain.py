@@ -42,6 +42,7 @@ def get_config(arg: str | None = None):
     c.model.graft_rules = (("encoder/(.*)", r"encoder/\1"),)
     c.model.strict_graft = False
     data = c.tasks.sst2.data
+    data.update(max_length=64, buckets=(64,))  # One eval shape: one compile.
     data.splits.eval = f"{data.splits.eval}[:200]"
   if arg.tiny:
     config_lib.make_tiny(c, "sst2", fixture="sentiment_labelled_sentences", steps=0)

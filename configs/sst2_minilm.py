@@ -34,8 +34,7 @@ def get_config(arg: str | None = None):
     c.tasks.sst2.data.max_length = 64
     c.train.update(steps=600, eval_every=600, checkpoint_every=600)
   if arg.smoke:
-    config_lib.smoke(c)
-    c.tasks.sst2.data.update(max_length=64, buckets=(32, 64))  # Two shapes: fewer compiles.
+    config_lib.smoke(c, max_length=64, eval_examples=256)
   if arg.tiny:
     config_lib.make_tiny(c, "sst2", fixture="sst2", steps=20)
   return config_lib.lock(c)

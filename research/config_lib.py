@@ -179,18 +179,26 @@ def finetune(c: ml_collections.ConfigDict, steps: int, best_metric: str, every: 
   c.optim.update(lr=1e-4, warmup_fraction=0.06, weight_decay=0.01, schedule="linear")
 
 
-def smoke(c: ml_collections.ConfigDict, steps: int = 20) -> None:
+def smoke(
+  c: ml_collections.ConfigDict, steps: int = 20, max_length: int = 0, eval_examples: int = 0
+) -> None:
   """A ``smoke`` variant's schedule: a few steps of 8, one eval and checkpoint at the end.
 
-  Each task keeps only its largest bucket: a handful of steps would otherwise compile the step
-  once per bucket they happen to draw, which is most of a smoke run's time (bucketing and its
-  compile-once-per-shape behaviour have tests of their own).
+  Each task keeps one bucket, ``max_length`` (which also cuts its rows) or else its largest: a
+  handful of steps would otherwise compile the train and eval steps once per bucket they
+  happen to draw, which is most of a smoke run's time (bucketing and its compile-once-per-shape
+  behaviour have tests of their own). ``eval_examples`` keeps the first examples of each eval
+  split.
   """
   c.train.update(steps=steps, batch_size=8, log_every=5, eval_every=steps, checkpoint_every=steps)
   for task in c.get("tasks", {}).values():
-    buckets = task.get("data", {}).get("buckets")
-    if buckets:
-      task.data.buckets = (max(buckets),)
+    data = task.get("data", {})
+    if max_length:
+      data.update(max_length=max_length, buckets=(max_length,))
+    elif data.get("buckets"):
+      data.buckets = (max(data.buckets),)
+    if eval_examples:
+      data.splits.eval = f"{data.splits.eval}[:{eval_examples}]"
 
 
 def ner_task(dataset: str, crf: bool = False) -> ml_collections.ConfigDict:
@@ -229,10 +237,7 @@ def pair_experiment(
   steps = epochs * batches_per_epoch
   finetune(c, steps=steps, best_metric=f"{task_name}/{best_metric}", every=batches_per_epoch)
   if arg.smoke:
-    smoke(c)
-    data = c.tasks[task_name].data
-    data.update(max_length=64, buckets=(32, 64))  # Two shapes: fewer compiles.
-    data.splits.eval = f"{data.splits.eval}[:256]"
+    smoke(c, max_length=64, eval_examples=256)
   if arg.tiny:
     make_tiny(c, task_name, fixture=task_name, steps=20)
   return lock(c)
@@ -252,10 +257,7 @@ def ner_experiment(
   finetune(c, steps=1500, best_metric=f"{task_name}/f1")
   c.eval.batch_size = 64
   if arg.smoke:  # Under a minute: 20 small steps, 256 eval sentences.
-    smoke(c)
-    data = c.tasks[task_name].data
-    data.update(max_length=64, buckets=(32, 64))
-    data.splits.eval = f"{data.splits.eval}[:256]"
+    smoke(c, max_length=64, eval_examples=256)
   if arg.tiny:
     make_tiny(c, task_name, fixture=dataset, steps=10)
   return c
@@ -310,11 +312,9 @@ def translation_experiment(
   )
   c.eval.batch_size = 128
   if arg.smoke:
-    smoke(c, steps=10)
+    smoke(c, steps=10, eval_examples=64)  # Decoding all 1,014 took minutes.
     c.optim.warmup_steps = 5
     c.tasks.multi30k.decode = dict(beam_sizes=(1,), alpha=0.6, max_length=16)
-    data = c.tasks.multi30k.data
-    data.splits.eval = f"{data.splits.eval}[:64]"  # Decoding all 1,014 took minutes.
   if arg.tiny:
     make_tiny(c, "multi30k", fixture="multi30k", steps=10)
     c.model.init = tiny_init

@@ -62,6 +62,17 @@ def test_every_smoke_variant_is_run_here():
   assert with_smoke <= covered, sorted(with_smoke - covered)
 
 
+def test_every_smoke_variant_compiles_one_shape_per_task():
+  """Each task of a smoke run has one bucket (config_lib.smoke): a handful of steps that drew
+  two bucket shapes compiled the train and eval steps twice, most of the run's time."""
+  names = [(s.values if hasattr(s, "values") else s)[0] for s in SMOKES] + ["sst2_minilm"]
+  for name in names:
+    config = load_config_module(name).get_config("smoke")
+    for task, t in config.tasks.items():
+      assert len(t.data.buckets) == 1, (name, task, t.data.buckets)
+      assert t.data.buckets[0] >= t.data.max_length, (name, task)
+
+
 def _id(smoke) -> str:
   values = smoke.values if hasattr(smoke, "values") else smoke
   return f"{values[0]}:{values[1]}"

@@ -44,9 +44,7 @@ def get_config(arg: str | None = None):
   config_lib.finetune(c, steps=arg.steps, best_metric="sst2/accuracy", every=arg.steps)
   c.train.log_every = 25
   if arg.smoke:
-    config_lib.smoke(c, steps=10)
-    c.tasks.sst2.data.update(buckets=(32, 64))
-    c.tasks.sst2.data.splits.eval = "validation[:128]"
+    config_lib.smoke(c, steps=10, max_length=64, eval_examples=128)
   if arg.tiny:
     config_lib.make_tiny(c, "sst2", fixture="sst2", steps=10)
   return config_lib.lock(c)

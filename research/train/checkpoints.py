@@ -9,6 +9,7 @@ fails naming the first path that differs, not with an opaque shape error deep in
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -100,6 +101,25 @@ def state_handlers() -> dict[str, Any]:
   return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
 
 
+@functools.cache
+def _save_replicated_arrays_whole() -> None:
+  """On CPU, saves each replicated array from one device instead of orbax's replica-parallel
+  slices. Those split a replicated array over its devices, each writing one slice, at the cost
+  of compiling a slice per device and shape in every process (72 compilations on 8 simulated
+  devices for MiniLM's first save); on CPU the copies they share out are a memcpy. The files
+  are the same either way. orbax's own default stands elsewhere (off on GPUs, on on TPUs)."""
+  if jax.default_backend() != "cpu":
+    return
+  handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+  absl = logging.getLogger("absl")  # orbax warns (absl logging) that it overrides jax.Array's.
+  level = absl.level
+  absl.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl.setLevel(level)
+
+
 class Checkpoints:
   """The run's checkpoint managers (latest and best)."""
 
@@ -112,6 +132,7 @@ class Checkpoints:
   ):
     root = Path(workdir).absolute()
     _quiet_orbax_errors()
+    _save_replicated_arrays_whole()
     self._saving: int | None = None  # The step of the last save asked for (it may be async).
     self.latest = ocp.CheckpointManager(
       root / "checkpoints",
