@@ -32,7 +32,8 @@ Variants (comma-separated): ``smoke`` (10 steps on the real data, 64 val sentenc
 greedily; under a minute), ``tiny`` (a 2-layer width-32 model and a BPE of 300 on the committed
 fixture; seconds, for tests), ``lr=X`` (peak learning rate), ``seed=N``, ``steps=N``.
 Checkpoint averaging is not wired (the loop keeps the best and the latest state only).
-Reached: not yet run (docs/results.md, "Multi30k en→de translation").
+Reached (lr 1e-3, seed 0, 4,000 steps, 1.9 h on 2 CPU cores): cased val BLEU 39.07 beam 4
+(37.71 greedy), chrF 62.04 (docs/results.md, "Multi30k en→de translation").
 """
 
 from research import config_lib
